@@ -1,0 +1,67 @@
+"""attacks — Adam-driven PGD attacks for PyTorch classifiers (imports torch only).
+
+A tour
+------
+An attack is a frozen :class:`Attack`: *objective × optimizer × schedule × threat × restarts*.
+One loop, :func:`run`, executes every attack with AutoAttack's semantics (clean pass first, survivors
+only, a found adversarial example is never lost) and returns a per-example :class:`Result`::
+
+    import attacks
+    atk = attacks.get("multi-targeted", eps=8/255)            # paper defaults (Qin et al. 2019, F.1)
+    res = attacks.run(atk, model.eval(), x, y, ids=ids, seed=0)
+    robust = ~res.success                                     # clean-correct and still correct
+
+Pieces, each a small value you can swap:
+
+* threat models — :class:`LinfBall` (sampling, projection, membership);
+* objectives (maximised) — :data:`margin`, :data:`cross_entropy`, :data:`targeted_margin`,
+  :data:`most_likely_target`, :class:`LinearityGap` (γ(ε, x) of the LLR paper);
+* optimizers — :func:`adam` (DeepMind's Adam, ε = 1e-9) and :func:`sign`, as ``(init, update)`` pairs;
+* schedules — :func:`constant`, :func:`piecewise` (boundaries as fractions of the run);
+* presets — ``untargeted``, ``random-targeted``, ``multi-targeted``, ``fgsm-20``, ``pgd-K``,
+  ``local-linearity`` (:data:`PRESETS`, :func:`get`).
+
+The package name is generic; it ships inside the ``robusteval`` distribution and is not published on
+its own. Sources: ALGORITHMS.md (project design), the LLR supplementary, DeepMind's IBP attack library.
+"""
+
+from .engine import Attack, Result, example_seed, generators, run
+from .objectives import (
+    OBJECTIVES,
+    CrossEntropy,
+    LinearityGap,
+    Margin,
+    MostLikelyTarget,
+    TargetedMargin,
+    cross_entropy,
+    linearity_gap,
+    margin,
+    margin_of,
+    most_likely_target,
+    targeted_margin,
+)
+from .optimizers import Adam, AdamState, Sign, adam, sign
+from .presets import (
+    PRESETS,
+    fgsm20,
+    get,
+    local_linearity,
+    multi_targeted,
+    names,
+    pgd,
+    random_targeted,
+    untargeted,
+)
+from .schedules import Piecewise, constant, paper_decay, piecewise
+from .threats import LinfBall
+
+__all__ = [
+    "Attack", "Result", "run", "example_seed", "generators",
+    "LinfBall",
+    "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
+    "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",
+    "Adam", "AdamState", "Sign", "adam", "sign",
+    "Piecewise", "constant", "piecewise", "paper_decay",
+    "PRESETS", "get", "names", "untargeted", "random_targeted", "multi_targeted", "fgsm20", "pgd",
+    "local_linearity",
+]

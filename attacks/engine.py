@@ -1,0 +1,302 @@
+"""The one attack loop. Every named attack, the γ(ε, x) search and the LLR trainer's inner
+maximisation are configurations of :func:`run` (ARCHITECTURE principle 1).
+
+An :class:`Attack` is *objective × optimizer × schedule × threat × restarts* (the Optax / DeepMind
+decomposition). :func:`run` executes it with AutoAttack's evaluation semantics:
+
+* a clean forward pass first; with ``goal="misclassify"`` an example the model already gets wrong is
+  counted as broken (``x_adv = x``) and never attacked;
+* restarts (and, for multi-targeted, targets) run on the survivors of the previous ones only;
+* within a run, the first iterate that misclassifies an example is kept — a found adversarial example
+  is proof and is never thrown away — and the example leaves the active batch (compaction), so cost
+  follows the robust fraction (project decisions 4 and 5). ``final_iterate=True`` reproduces DeepMind's
+  keep-the-final-iterate rule exactly instead;
+* every iterate is projected by the threat model before it is evaluated, so the returned ``x_adv`` is
+  exactly the point whose logits decided success;
+* randomness comes from one ``torch.Generator`` per (seed, example id, run), so results do not depend on
+  batch size, example order or device (project decision 6);
+* the model is never modified: no ``train()``/``eval()`` call, gradients are taken with respect to the
+  input only (``torch.autograd.grad``), so parameters' ``.grad``, buffers and mode are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
+
+import torch
+
+from .objectives import margin_of
+from .optimizers import Adam, Sign, select
+from .schedules import Piecewise
+from .threats import LinfBall
+
+_MASK64 = (1 << 64) - 1
+TARGET_STREAM = 1 << 40
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def example_seed(seed: int, example_id: int, stream: int) -> int:
+    """A 63-bit seed for one (seed, example id, stream) triple; stream = run index or a tag."""
+    h = _splitmix64(int(seed) & _MASK64)
+    h = _splitmix64(h ^ (int(example_id) & _MASK64))
+    h = _splitmix64(h ^ (int(stream) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def generators(seed: int, ids, stream: int) -> list[torch.Generator]:
+    """One CPU generator per example id, seeded by :func:`example_seed`."""
+    return [torch.Generator().manual_seed(example_seed(seed, int(i), stream)) for i in ids]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A complete attack configuration; its ``repr`` is stored with every result.
+
+    ``targets``: ``None`` (untargeted), ``"random"`` (one random wrong class per example, shared by its
+    restarts) or ``"ranked"`` (wrong classes by clean margin ``z_t − z_y``, highest first; the first
+    ``num_targets`` are used). With ``"ranked"``, restarts cycle over targets round-robin, or every
+    restart runs every target with ``all_targets=True`` (DeepMind's IBP semantics, R·K runs).
+
+    ``goal``: ``"misclassify"`` (evasion: success = strict untargeted margin > 0, locked and compacted)
+    or ``"maximize"`` (no success notion; every example runs every step and the highest objective wins —
+    the γ search and training-time attacks).
+    """
+
+    name: str
+    objective: Any
+    optimizer: Adam | Sign
+    schedule: Piecewise
+    threat: LinfBall
+    steps: int
+    restarts: int = 1
+    targets: str | None = None
+    num_targets: int | None = None
+    all_targets: bool = False
+    goal: str = "misclassify"
+    final_iterate: bool = False
+    random_start: bool = True
+
+    def __post_init__(self):
+        if self.steps < 0 or self.restarts < 1:
+            raise ValueError("steps must be ≥ 0 and restarts ≥ 1")
+        if self.targets not in (None, "random", "ranked"):
+            raise ValueError("targets must be None, 'random' or 'ranked'")
+        if self.goal not in ("misclassify", "maximize"):
+            raise ValueError("goal must be 'misclassify' or 'maximize'")
+        if getattr(self.objective, "needs_target", False) and self.targets is None:
+            raise ValueError(f"objective {self.objective!r} needs targets ('random' or 'ranked')")
+        if self.num_targets is not None and self.num_targets < 1:
+            raise ValueError("num_targets must be ≥ 1")
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
+
+    def replace(self, **changes) -> "Attack":
+        """A copy with some fields changed (``eps=`` replaces the threat's radius)."""
+        if "eps" in changes:
+            changes["threat"] = replace(changes.get("threat", self.threat), eps=changes.pop("eps"))
+        return replace(self, **changes)
+
+    def config(self) -> str:
+        """A one-line description of every field, stored with each record."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+@dataclass
+class Result:
+    """Per-example outcome of :func:`run` (all tensors on the input's device, length B).
+
+    ``x_adv``: the chosen point (inside the threat set); ``success``: it is misclassified (strict margin
+    > 0; always False for ``goal="maximize"``); ``value``: the objective there; ``margin``: the untargeted
+    margin there; ``logits``: the model's logits there; ``run``: index of the run that produced it
+    (-1: the clean input itself); ``steps``: gradient steps spent on the example over all runs;
+    ``target``: the target class of the chosen run (-1 if untargeted); ``forward_rows``: number of
+    example-forward passes the attack made (clean pass included).
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    value: torch.Tensor
+    margin: torch.Tensor
+    logits: torch.Tensor
+    run: torch.Tensor
+    steps: torch.Tensor
+    target: torch.Tensor
+    clean_logits: torch.Tensor
+    forward_rows: int = 0
+    runs: list = field(default_factory=list)
+
+
+def _plan(attack: Attack, num_classes: int) -> tuple[list[tuple[int, int | None]], int]:
+    """The runs as (restart, target slot) pairs, and the number of target slots K."""
+    if attack.targets != "ranked":
+        return [(r, None) for r in range(attack.restarts)], 0
+    k = min(attack.num_targets or num_classes - 1, num_classes - 1)
+    if attack.all_targets:
+        return [(r, s) for r in range(attack.restarts) for s in range(k)], k
+    return [(r, r % k) for r in range(attack.restarts)], k
+
+
+def _check_mode(model: torch.nn.Module, allow_train_mode: bool) -> None:
+    if allow_train_mode or not isinstance(model, torch.nn.Module):
+        return
+    if any(m.training for m in model.modules()):
+        raise ValueError(
+            "the model is in training mode: attacks run on a model in eval mode (batch-norm statistics "
+            "would otherwise change and couple examples); call model.eval() or pass allow_train_mode=True"
+        )
+
+
+def run(
+    attack: Attack,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ids: torch.Tensor | None = None,
+    seed: int = 0,
+    aux: dict | None = None,
+    compact: bool = True,
+    allow_train_mode: bool = False,
+    on_run: Callable[[int, int, int], None] | None = None,
+) -> Result:
+    """Run ``attack`` on the batch ``(x, y)`` and return the per-example :class:`Result`.
+
+    ``ids`` are stable example ids (default ``0..B-1``) that, with ``seed``, fix every random choice.
+    ``aux`` supplies per-example tensors to the objective (e.g. ``loss0``/``grad0`` for the linearity gap).
+    ``compact=False`` keeps solved examples in the active batch (for overhead benchmarks; same result).
+    ``on_run(run_index, num_runs, num_unbroken)`` is called after each run (progress reporting).
+
+    Algorithm: ALGORITHMS.md §3 (shared PGD engine) with the project decisions 3-7 and §4 for targets.
+    """
+    _check_mode(model, allow_train_mode)
+    threat, objective, opt = attack.threat, attack.objective, attack.optimizer
+    x = x.detach()
+    y = y.detach().to(x.device).long()
+    n = x.shape[0]
+    ids = torch.arange(n) if ids is None else torch.as_tensor(ids).long().cpu()
+    if ids.shape[0] != n or y.shape[0] != n:
+        raise ValueError("x, y and ids must have the same length")
+    lo, hi = threat.bounds
+    if n and (x.min() < lo or x.max() > hi):
+        raise ValueError(f"inputs must lie in the threat model's box {threat.bounds}; got values in "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}] (normalise inside the model)")
+    misclassify = attack.goal == "misclassify"
+
+    with torch.no_grad():
+        z0 = model(x).detach()
+    if z0.ndim != 2 or z0.shape[0] != n:
+        raise ValueError(f"the model must return logits of shape [batch, classes]; got {tuple(z0.shape)}")
+    if not torch.isfinite(z0).all():
+        raise ValueError("the model returned non-finite logits (NaN or inf) on the clean inputs")
+    forward_rows = n
+    num_classes = z0.shape[1]
+    margin0 = margin_of(z0, y)
+
+    aux = {k: torch.as_tensor(v).to(x.device) for k, v in (aux or {}).items()}
+    if hasattr(objective, "prepare"):
+        before = set(aux)
+        aux = objective.prepare(model, x, y, aux)
+        forward_rows += n if set(aux) != before else 0
+    runs, k_targets = _plan(attack, num_classes)
+    ranked = None
+    if attack.targets == "ranked":
+        others = z0.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf"))
+        ranked = torch.sort(others, dim=1, descending=True, stable=True).indices[:, :k_targets]
+    elif attack.targets == "random":
+        offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g))
+                             for g in generators(seed, ids.tolist(), TARGET_STREAM)], dtype=torch.long)
+        aux["target"] = (y + offs.to(x.device)) % num_classes
+
+    best_x = x.clone()
+    best_logits = z0.clone()
+    best_margin = margin0.clone()
+    best_value = torch.full((n,), float("nan"), device=x.device)
+    best_score = torch.full((n,), float("-inf"), device=x.device)
+    success = (margin0 > 0) if misclassify else torch.zeros(n, dtype=torch.bool, device=x.device)
+    won = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    target_used = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    steps_used = torch.zeros(n, dtype=torch.long, device=x.device)
+    seen = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def record(rows, act_rows, xa, z, val, mg, j, tgt):
+        g = act_rows[rows]
+        best_x[g] = xa[rows]
+        best_logits[g] = z[rows]
+        best_margin[g] = mg[rows]
+        best_value[g] = val[rows]
+        best_score[g] = (mg if misclassify else val)[rows]
+        won[g] = j
+        if tgt is not None:
+            target_used[g] = tgt[rows]
+
+    for j, (_, slot) in enumerate(runs):
+        act = (~success).nonzero()[:, 0] if misclassify else torch.arange(n, device=x.device)
+        if act.numel() == 0:
+            break
+        xs, ys = x[act], y[act]
+        aux_a = {k: v[act] for k, v in aux.items()}
+        if ranked is not None:
+            aux_a["target"] = ranked[act, slot]
+        tgt = aux_a.get("target")
+        gens = generators(seed, ids[act.cpu()].tolist(), j)
+        xa = threat.sample(xs, gens) if attack.random_start else xs.clone()
+        state = opt.init(xa)
+        for step in range(attack.steps + 1):
+            last = step == attack.steps
+            with torch.enable_grad() if not last else torch.no_grad():
+                leaf = xa.detach().requires_grad_(not last)
+                z = model(leaf)
+                val = objective(z, ys, leaf - xs, aux_a)
+                grad = None if last else torch.autograd.grad(val.sum(), leaf)[0]
+            forward_rows += act.numel()
+            z, val = z.detach(), val.detach()
+            mg = margin_of(z, ys)
+            xa = leaf.detach()
+            solved = None
+            if attack.final_iterate:
+                if last:
+                    first = ~seen[act]
+                    keep = first | (mg > 0) if misclassify else first | (val > best_score[act])
+                    record(keep.nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
+                    seen[act] = True
+                    if misclassify:
+                        success[act] |= mg > 0
+            elif misclassify:
+                solved = (mg > 0) & ~success[act]
+                better = (mg > best_score[act]) & ~success[act]
+                record((solved | better).nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
+                success[act] |= solved
+            else:
+                record((val > best_score[act]).nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
+            if last:
+                break
+            steps_used[act] += 1
+            upd, state = opt.update(grad, state, attack.schedule(step, attack.steps, threat.eps))
+            xa = threat.project(xa + upd, xs)
+            if compact and solved is not None and bool(solved.any()):
+                keep = (~solved).nonzero()[:, 0]
+                act, xs, ys, xa = act[keep], xs[keep], ys[keep], xa[keep]
+                aux_a = {k: v[keep] for k, v in aux_a.items()}
+                tgt = aux_a.get("target")
+                state = select(state, keep)
+                if act.numel() == 0:
+                    break
+        if on_run is not None:
+            on_run(j, len(runs), int((~success).sum()))
+
+    if n and not bool(threat.contains(best_x, x).all()):
+        raise RuntimeError("internal error: an attack iterate left the threat set")
+    return Result(
+        x_adv=best_x, success=success if misclassify else torch.zeros_like(success),
+        value=best_value, margin=best_margin, logits=best_logits, run=won, steps=steps_used,
+        target=target_used, clean_logits=z0, forward_rows=forward_rows, runs=runs,
+    )

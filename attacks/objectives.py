@@ -1,0 +1,131 @@
+"""Objectives: per-example values that an attack *maximises* (ARCHITECTURE principle 2).
+
+Every objective is a small frozen value called as ``objective(logits, y, delta, aux) -> [N]``:
+``logits`` at the current iterate, true labels ``y``, the current perturbation ``delta = x_adv − x``
+(attached to the graph, for objectives that depend on it) and ``aux``, a dict of per-example tensors
+(``"target"`` for targeted objectives; ``"loss0"`` and ``"grad0"`` for the linearity gap). Success is
+never decided here; the engine decides it from the logits (project decision 3).
+
+Definitions follow ALGORITHMS.md §1 and DeepMind's IBP library (``_maximize_margin`` etc.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """max_{j ≠ cls} z_j per row."""
+    mask = F.one_hot(cls, z.shape[1]).bool()
+    return z.masked_fill(mask, float("-inf")).amax(1)
+
+
+def margin_of(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Untargeted margin ``max_{j≠y} z_j − z_y``; an example is misclassified iff it is > 0."""
+    return _other_max(z, y) - z.gather(1, y[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Untargeted margin ``max_{j≠y} z_j − z_y`` (IBP ``UntargetedPGDAttack``; unclipped).
+
+    ``clip`` caps it from above (LLR-DM's monitoring attack uses ``min(M, 30)``).
+    """
+
+    clip: float | None = None
+    name = "margin"
+
+    def __call__(self, z, y, delta=None, aux=None):
+        m = margin_of(z, y)
+        return m.clamp(max=self.clip) if self.clip is not None else m
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Cross-entropy ``−log softmax(z)_y`` (IBP's "Xent" variants)."""
+
+    name = "cross-entropy"
+
+    def __call__(self, z, y, delta=None, aux=None):
+        return F.cross_entropy(z, y, reduction="none")
+
+
+@dataclass(frozen=True)
+class TargetedMargin:
+    """Pair margin ``z_t − z_y`` towards ``aux["target"]`` (IBP ``MultiTargetedPGDAttack``)."""
+
+    name = "targeted-margin"
+    needs_target = True
+
+    def __call__(self, z, y, delta=None, aux=None):
+        t = aux["target"]
+        return z.gather(1, t[:, None])[:, 0] - z.gather(1, y[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class MostLikelyTarget:
+    """``z_t − max_{j≠t} z_j``: make ``t`` the arg-max (IBP ``RandomMostLikelyPGDAttack``)."""
+
+    name = "most-likely-target"
+    needs_target = True
+
+    def __call__(self, z, y, delta=None, aux=None):
+        t = aux["target"]
+        return z.gather(1, t[:, None])[:, 0] - _other_max(z, t)
+
+
+@dataclass(frozen=True)
+class LinearityGap:
+    """The local-linearity gap ``g(δ; x) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`` with ℓ = cross-entropy.
+
+    Qin et al. 2019, Eq. (5); γ(ε, x) = max_{δ∈B(ε)} g(δ; x). ``ℓ(x)`` and ``∇ₓℓ(x)`` are computed once
+    per batch by :meth:`prepare` (or supplied by the caller in ``aux``, as the LLR trainer does with its
+    nominal-batch quantities). ``grad_mode="deepmind"`` stops the gradient through δ in the linear term,
+    as DeepMind's ``local_linearity`` does (ALGORITHMS.md §2(d)3, pitfall 8); ``"exact"`` keeps it.
+    """
+
+    grad_mode: str = "deepmind"
+    name = "linearity-gap"
+
+    def __post_init__(self):
+        if self.grad_mode not in ("deepmind", "exact"):
+            raise ValueError("grad_mode must be 'deepmind' or 'exact'")
+
+    def prepare(self, model, x, y, aux):
+        """Add ``loss0`` = ℓ(x) and ``grad0`` = ∇ₓℓ(x) (per example; gradient of the *sum*, pitfall 4)."""
+        if "loss0" in aux and "grad0" in aux:
+            return aux
+        with torch.enable_grad():
+            x0 = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(model(x0), y, reduction="none")
+            (grad,) = torch.autograd.grad(loss.sum(), x0)
+        return {**aux, "loss0": loss.detach(), "grad0": grad.detach()}
+
+    def pieces(self, z, y, delta, aux):
+        """``(ℓ(x+δ), δᵀ∇ₓℓ(x))`` per example."""
+        d = delta.detach() if self.grad_mode == "deepmind" else delta
+        lin = (d * aux["grad0"]).flatten(1).sum(1)
+        return F.cross_entropy(z, y, reduction="none"), lin
+
+    def __call__(self, z, y, delta, aux):
+        loss, lin = self.pieces(z, y, delta, aux)
+        return (loss - aux["loss0"] - lin).abs()
+
+
+margin = Margin()
+cross_entropy = CrossEntropy()
+targeted_margin = TargetedMargin()
+most_likely_target = MostLikelyTarget()
+linearity_gap = LinearityGap()
+
+OBJECTIVES = {
+    "margin": Margin,
+    "cross-entropy": CrossEntropy,
+    "ce": CrossEntropy,
+    "targeted-margin": TargetedMargin,
+    "most-likely-target": MostLikelyTarget,
+    "linearity-gap": LinearityGap,
+}

@@ -1,0 +1,62 @@
+"""The ``robusteval`` command line.
+
+Each command parses its options, calls one library function and renders the result: data (tables,
+paths) on stdout, progress and errors on stderr. A user mistake is one line and a non-zero exit.
+
+Commands live in submodules of this package and register themselves on :data:`cli`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from robusteval import __version__
+from robusteval.errors import UserError
+
+_COMMAND_MODULES = ("attack", "report", "models", "train", "gamma", "figures", "demo")
+
+
+class _Group(click.Group):
+    """A click group that turns library-level :class:`UserError` into one clean line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        except FileNotFoundError as exc:
+            raise click.ClickException(f"file not found: {exc.filename or exc}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; partial results are kept and a rerun resumes", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="robusteval")
+def cli():
+    """robusteval — adversarial robustness evaluation (Adam-PGD attack batteries, local linearity γ,
+    and the LLR / adversarial / TRADES reference trainer).
+
+    \b
+    Examples:
+      robusteval attack --model zoo:fmnist-llr2 --attack untargeted --attack multi-targeted --eps 0.1
+      robusteval gamma --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --eps 0.1
+      robusteval train --method llr --arch small_cnn --dataset fashion-mnist --eps 0.1 --out ckpt.pt
+      robusteval report runs/records.csv --format markdown
+    """
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        importlib.import_module(f"robusteval.cli.{_name}")
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != f"robusteval.cli.{_name}":
+            raise
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="robusteval")
