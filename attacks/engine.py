@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .objectives import margin_of
+from .objectives import Margin, margin_of
 from .optimizers import Adam, Sign, select
 from .schedules import Piecewise
 from .threats import LinfBall
@@ -135,6 +135,72 @@ class Result:
     runs: list = field(default_factory=list)
 
 
+@dataclass
+class _Best:
+    """Best point found so far per example (global) or per active row (a run's local copy).
+
+    Within a run the local copy is updated with ``torch.where`` (one pass over the batch per step);
+    rows are written back to the global copy when they leave the active batch or the run ends.
+    ``score`` ranks candidates: the untargeted margin for evasion (so multi-targeted picks its copy by
+    the untargeted margin, ALGORITHMS §4.3), the objective for ``goal="maximize"``.
+    """
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    margin: torch.Tensor
+    value: torch.Tensor
+    score: torch.Tensor
+    success: torch.Tensor
+    run: torch.Tensor
+    target: torch.Tensor
+    steps: torch.Tensor
+
+    @classmethod
+    def initial(cls, x, z0, margin0, misclassify):
+        n, dev = x.shape[0], x.device
+        return cls(
+            x=x.clone(), logits=z0.clone(), margin=margin0.clone(),
+            value=torch.full((n,), float("nan"), device=dev),
+            score=torch.full((n,), float("-inf"), device=dev),
+            success=(margin0 > 0) if misclassify else torch.zeros(n, dtype=torch.bool, device=dev),
+            run=torch.full((n,), -1, dtype=torch.long, device=dev),
+            target=torch.full((n,), -1, dtype=torch.long, device=dev),
+            steps=torch.zeros(n, dtype=torch.long, device=dev),
+        )
+
+    def gather(self, rows) -> "_Best":
+        """A local copy for ``rows`` (its ``steps`` count this run only)."""
+        local = _Best(*(getattr(self, f.name)[rows] for f in fields(self)))
+        local.steps = torch.zeros_like(local.steps)
+        return local
+
+    def select(self, keep) -> "_Best":
+        return _Best(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+    def scatter(self, rows, local: "_Best", which=None) -> None:
+        """Write the local rows (all, or those where ``which``) back to the global copy."""
+        if which is not None:
+            idx = which.nonzero()[:, 0]
+            rows, local = rows[idx], local.select(idx)
+        for f in fields(self):
+            if f.name == "steps":
+                self.steps[rows] += local.steps
+            else:
+                getattr(self, f.name)[rows] = getattr(local, f.name)
+
+    def update(self, mask, xa, z, val, mg, by_margin, j, tgt) -> None:
+        """Take the current iterate where ``mask``."""
+        col = mask.view(-1, *([1] * (xa.ndim - 1)))
+        self.x = torch.where(col, xa, self.x)
+        self.logits = torch.where(mask[:, None], z, self.logits)
+        self.margin = torch.where(mask, mg, self.margin)
+        self.value = torch.where(mask, val, self.value)
+        self.score = torch.where(mask, mg if by_margin else val, self.score)
+        self.run = torch.where(mask, j, self.run)
+        if tgt is not None:
+            self.target = torch.where(mask, tgt, self.target)
+
+
 def _plan(attack: Attack, num_classes: int) -> tuple[list[tuple[int, int | None]], int]:
     """The runs as (restart, target slot) pairs, and the number of target slots K."""
     if attack.targets != "ranked":
@@ -216,30 +282,13 @@ def run(
                              for g in generators(seed, ids.tolist(), TARGET_STREAM)], dtype=torch.long)
         aux["target"] = (y + offs.to(x.device)) % num_classes
 
-    best_x = x.clone()
-    best_logits = z0.clone()
-    best_margin = margin0.clone()
-    best_value = torch.full((n,), float("nan"), device=x.device)
-    best_score = torch.full((n,), float("-inf"), device=x.device)
-    success = (margin0 > 0) if misclassify else torch.zeros(n, dtype=torch.bool, device=x.device)
-    won = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    target_used = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    steps_used = torch.zeros(n, dtype=torch.long, device=x.device)
+    best = _Best.initial(x, z0, margin0, misclassify)
     seen = torch.zeros(n, dtype=torch.bool, device=x.device)
-
-    def record(rows, act_rows, xa, z, val, mg, j, tgt):
-        g = act_rows[rows]
-        best_x[g] = xa[rows]
-        best_logits[g] = z[rows]
-        best_margin[g] = mg[rows]
-        best_value[g] = val[rows]
-        best_score[g] = (mg if misclassify else val)[rows]
-        won[g] = j
-        if tgt is not None:
-            target_used[g] = tgt[rows]
+    margin_is_objective = isinstance(objective, Margin) and objective.clip is None
+    needs_delta = getattr(objective, "needs_delta", True)
 
     for j, (_, slot) in enumerate(runs):
-        act = (~success).nonzero()[:, 0] if misclassify else torch.arange(n, device=x.device)
+        act = (~best.success).nonzero()[:, 0] if misclassify else torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
         xs, ys = x[act], y[act]
@@ -247,56 +296,61 @@ def run(
         if ranked is not None:
             aux_a["target"] = ranked[act, slot]
         tgt = aux_a.get("target")
-        gens = generators(seed, ids[act.cpu()].tolist(), j)
-        xa = threat.sample(xs, gens) if attack.random_start else xs.clone()
+        box = threat.box(xs)
+        xa = threat.sample(xs, generators(seed, ids[act.cpu()].tolist(), j)) if attack.random_start \
+            else xs.clone()
         state = opt.init(xa)
+        local = best.gather(act)
         for step in range(attack.steps + 1):
             last = step == attack.steps
             with torch.enable_grad() if not last else torch.no_grad():
                 leaf = xa.detach().requires_grad_(not last)
                 z = model(leaf)
-                val = objective(z, ys, leaf - xs, aux_a)
+                val = objective(z, ys, leaf - xs if needs_delta else None, aux_a)
                 grad = None if last else torch.autograd.grad(val.sum(), leaf)[0]
             forward_rows += act.numel()
             z, val = z.detach(), val.detach()
-            mg = margin_of(z, ys)
+            mg = val if margin_is_objective else margin_of(z, ys)
             xa = leaf.detach()
             solved = None
             if attack.final_iterate:
                 if last:
                     first = ~seen[act]
-                    keep = first | (mg > 0) if misclassify else first | (val > best_score[act])
-                    record(keep.nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
+                    keep = first | (mg > 0) if misclassify else first | (val > local.score)
+                    local.update(keep, xa, z, val, mg, misclassify, j, tgt)
                     seen[act] = True
                     if misclassify:
-                        success[act] |= mg > 0
+                        local.success |= mg > 0
             elif misclassify:
-                solved = (mg > 0) & ~success[act]
-                better = (mg > best_score[act]) & ~success[act]
-                record((solved | better).nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
-                success[act] |= solved
+                solved = (mg > 0) & ~local.success
+                local.update(solved | ((mg > local.score) & ~local.success), xa, z, val, mg, True, j, tgt)
+                local.success |= solved
             else:
-                record((val > best_score[act]).nonzero()[:, 0], act, xa, z, val, mg, j, tgt)
+                local.update(val > local.score, xa, z, val, mg, False, j, tgt)
             if last:
                 break
-            steps_used[act] += 1
+            local.steps += 1
             upd, state = opt.update(grad, state, attack.schedule(step, attack.steps, threat.eps))
-            xa = threat.project(xa + upd, xs)
+            xa = threat.project(xa + upd, xs, box)
             if compact and solved is not None and bool(solved.any()):
+                best.scatter(act, local, solved)
                 keep = (~solved).nonzero()[:, 0]
-                act, xs, ys, xa = act[keep], xs[keep], ys[keep], xa[keep]
+                act, xs, ys, xa, local = act[keep], xs[keep], ys[keep], xa[keep], local.select(keep)
+                box = (box[0][keep], box[1][keep])
                 aux_a = {k: v[keep] for k, v in aux_a.items()}
                 tgt = aux_a.get("target")
                 state = select(state, keep)
                 if act.numel() == 0:
                     break
+        best.scatter(act, local)
         if on_run is not None:
-            on_run(j, len(runs), int((~success).sum()))
+            on_run(j, len(runs), int((~best.success).sum()))
 
+    best_x, success = best.x, best.success
     if n and not bool(threat.contains(best_x, x).all()):
         raise RuntimeError("internal error: an attack iterate left the threat set")
     return Result(
         x_adv=best_x, success=success if misclassify else torch.zeros_like(success),
-        value=best_value, margin=best_margin, logits=best_logits, run=won, steps=steps_used,
-        target=target_used, clean_logits=z0, forward_rows=forward_rows, runs=runs,
+        value=best.value, margin=best.margin, logits=best.logits, run=best.run, steps=best.steps,
+        target=best.target, clean_logits=z0, forward_rows=forward_rows, runs=runs,
     )

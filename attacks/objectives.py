@@ -37,6 +37,7 @@ class Margin:
 
     clip: float | None = None
     name = "margin"
+    needs_delta = False
 
     def __call__(self, z, y, delta=None, aux=None):
         m = margin_of(z, y)
@@ -48,6 +49,7 @@ class CrossEntropy:
     """Cross-entropy ``−log softmax(z)_y`` (IBP's "Xent" variants)."""
 
     name = "cross-entropy"
+    needs_delta = False
 
     def __call__(self, z, y, delta=None, aux=None):
         return F.cross_entropy(z, y, reduction="none")
@@ -59,6 +61,7 @@ class TargetedMargin:
 
     name = "targeted-margin"
     needs_target = True
+    needs_delta = False
 
     def __call__(self, z, y, delta=None, aux=None):
         t = aux["target"]
@@ -71,6 +74,7 @@ class MostLikelyTarget:
 
     name = "most-likely-target"
     needs_target = True
+    needs_delta = False
 
     def __call__(self, z, y, delta=None, aux=None):
         t = aux["target"]

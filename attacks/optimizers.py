@@ -49,14 +49,15 @@ class Adam:
         return AdamState(torch.zeros_like(x), torch.zeros_like(x), 0)
 
     def update(self, grad: torch.Tensor, state: AdamState, lr: float):
+        """Returns ``(step, state)``. The moment tensors are updated in place (the engine owns them)."""
         t = state.t + 1
-        m = state.m.lerp(grad, 1 - self.beta1)
-        v = state.v.mul(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        m = state.m.lerp_(grad, 1 - self.beta1)
+        v = state.v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         bias1 = 1 - self.beta1 ** t
         bias2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-        # torch.optim.Adam descends with -lr/bias1; we ascend, so the sign flips.
-        step = torch.addcdiv(torch.zeros_like(m), m, denom, value=lr / bias1)
+        denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+        # torch.optim.Adam adds -lr/bias1 · m/denom; we ascend, so the sign flips.
+        step = torch.div(m, denom).mul_(lr / bias1)
         return step, AdamState(m, v, t)
 
 

@@ -40,11 +40,20 @@ class LinfBall:
 
     norm = "linf"
 
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Nearest point of the ball ∩ box: clamp to ``x ± eps``, then to ``bounds``."""
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-coordinate interval of the ball ∩ box: ``[max(x−ε, lo), min(x+ε, hi)]``.
+
+        It is never empty because ``x`` lies in both sets, so clamping to it equals clamping to the ball
+        and then to the box — exactly, since clamping does no arithmetic. The engine computes it once per
+        run and projects with a single ``clamp`` per step.
+        """
         lo, hi = self.bounds
-        x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
-        return x_adv.clamp(lo, hi)
+        return (x - self.eps).clamp_(min=lo), (x + self.eps).clamp_(max=hi)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, box=None) -> torch.Tensor:
+        """Nearest point of the ball ∩ box: clamp to ``x ± eps``, then to ``bounds``."""
+        low, high = self.box(x) if box is None else box
+        return torch.clamp(x_adv, low, high)
 
     def sample(self, x: torch.Tensor, generators) -> torch.Tensor:
         """Uniform random start ``x + U(-eps, eps)``, projected (IBP ``random_init=1``).

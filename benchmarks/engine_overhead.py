@@ -1,0 +1,110 @@
+"""Engine overhead: N steps of the ``untargeted`` preset against N bare forward+backward passes.
+
+Both sides use the same model, batch and device. "Bare" is the minimum any gradient attack needs per
+step: a forward pass, a per-example loss and the gradient with respect to the input
+(``torch.autograd.grad``). The attack runs with compaction disabled (every example stays in the batch
+for every step) and one restart, so the ratio measures the engine's own cost: objective, success
+check, best-iterate bookkeeping, Adam update, projection, plus its one clean and one final forward.
+A second ratio is given against a forward + full ``loss.backward()`` (parameter gradients too), the
+cost of a training step's backward. Measurements are interleaved (bare, attack, bare, attack, ...) so
+load drift hits both sides alike; the median of the repeats is reported.
+
+    python benchmarks/engine_overhead.py                  # small CNN + ResNet-18, CPU, batch 128
+    python benchmarks/engine_overhead.py --device cuda --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import attacks
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def resnet18_32() -> nn.Module:
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare(model, x, y, steps, device, full_backward=False):
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        xi = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(xi), y, reduction="sum")
+        if full_backward:
+            loss.backward()
+        else:
+            torch.autograd.grad(loss, xi)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def attack(model, x, y, steps, device):
+    atk = attacks.get("untargeted", 8 / 255, steps=steps, restarts=1)
+    _sync(device)
+    t0 = time.perf_counter()
+    attacks.run(atk, model, x, y, seed=0, compact=False)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(name, model, shape, batch, steps, repeats, device):
+    torch.manual_seed(0)
+    model = model.to(device).eval()
+    x = torch.rand(batch, *shape, device=device)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # clean-correct by construction: every example is attacked
+    bare(model, x, y, 2, device)
+    attack(model, x, y, 2, device)
+    t_bare, t_atk, t_full = [], [], []
+    for _ in range(repeats):
+        t_bare.append(bare(model, x, y, steps, device))
+        t_atk.append(attack(model, x, y, steps, device))
+        t_full.append(bare(model, x, y, steps, device, full_backward=True))
+        model.zero_grad(set_to_none=True)
+    b, a, f = (statistics.median(t) for t in (t_bare, t_atk, t_full))
+    print(f"{name:10s} batch {batch:4d}  {steps} steps: bare fwd+input-bwd {b / steps * 1e3:8.1f} ms/step | "
+          f"untargeted {a / steps * 1e3:8.1f} ms/step | ratio {a / b:5.3f} | vs fwd+full-bwd "
+          f"{f / steps * 1e3:8.1f} ms/step, ratio {a / f:5.3f}")
+    return a / b
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", default="small_cnn,resnet18")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, device {args.device}")
+    models = {"small_cnn": (small_cnn, (1, 28, 28)), "resnet18": (resnet18_32, (3, 32, 32))}
+    for name in args.models.split(","):
+        build, shape = models[name]
+        measure(name, build(), shape, args.batch, args.steps, args.repeats, args.device)
+
+
+if __name__ == "__main__":
+    main()
