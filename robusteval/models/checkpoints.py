@@ -1,0 +1,436 @@
+"""Checkpoints: the robusteval format, and safe loading of everything else a user may hand us.
+
+The robusteval checkpoint is a plain dict (ARCHITECTURE.md, "Models and checkpoints")::
+
+    {"format": "robusteval-checkpoint", "format_version": 1, "arch": "wrn28_8",
+     "arch_kwargs": {"activation": "softplus"}, "dataset": "cifar10",
+     "normalization": {"mean": [...], "std": [...]}, "training": {... incl. "command"},
+     "metrics": {...}, "extra": {...}, "versions": {...}, "state_dict": {...}}
+
+made of tensors and Python primitives only, so it loads with ``torch.load(weights_only=True)``; it is
+written atomically (temp file in the same directory, then ``os.replace``), so an interrupted save
+never leaves a truncated checkpoint behind.
+
+:func:`load_model` accepts a path or ``zoo:NAME`` and recognises, by looking inside the file:
+
+* our checkpoint; a plain ``state_dict`` (needs ``arch``); both via ``torch.load(weights_only=True)``,
+  never anything else — a pickle that needs code execution to load is refused, not run;
+* a ``torch.export`` program (``.pt2``), which needs no Python class — after checking that the archive
+  holds nothing ``torch.export.load`` would unpickle unrestricted or run (:func:`_check_export_archive`);
+* a TorchScript archive (``torch.jit.load``; its code is TorchScript, not Python).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from robusteval import __version__
+from robusteval.errors import UserError
+from robusteval.models.normalize import find_normalize
+from robusteval.models.registry import create_model, get_arch, list_models
+
+CHECKPOINT_FORMAT = "robusteval-checkpoint"
+FORMAT_VERSION = 1
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+_ZOO_SUFFIXES = (".pt", ".pt2")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for evaluation.
+
+    ``model`` is on the requested device in eval mode and takes [0, 1] inputs; ``meta`` is the
+    checkpoint without its state_dict (for other kinds, what is known: arch, normalization,
+    input_size); ``sha256`` identifies the file in result records; ``source`` is one of
+    ``"robusteval-checkpoint"``, ``"state_dict"``, ``"torch.export"``, ``"torchscript"``.
+    """
+
+    model: nn.Module
+    meta: dict
+    sha256: str
+    source: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """A short display name: the zoo name or the file's stem."""
+        return self.meta.get("name") or self.path.stem
+
+
+class ExportedModel(nn.Module):
+    """Wraps ``ExportedProgram.module()`` so it behaves like an ordinary module.
+
+    The exported graph's batch-norm/dropout behaviour was fixed when it was exported (export in eval
+    mode), and the graph refuses ``.train()``/``.eval()``; this wrapper records the mode without
+    forwarding it.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.program = module
+        for m in module.modules():
+            object.__setattr__(m, "training", False)
+        self.training = False
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_zoo() -> list[str]:
+    """Names usable as ``zoo:NAME``: the bundled ``.pt``/``.pt2`` files in ``robusteval/zoo``."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted({p.stem for p in ZOO_DIR.iterdir() if p.suffix in _ZOO_SUFFIXES})
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _plain(value, where: str = "checkpoint"):
+    """Convert metadata to what ``weights_only`` loading accepts: tensors and Python primitives."""
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, where)
+    if isinstance(value, np.generic):  # before the subclass checks: np.float64 is a float subclass
+        return value.item()
+    for kind in (bool, int, float, str):  # subclasses (e.g. torch's TorchVersion) would need their class
+        if isinstance(value, kind):
+            return kind(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if isinstance(value, dict):
+        return {
+            str(k) if not isinstance(k, int) else k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        out = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if isinstance(value, tuple) else out
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v, where) for v in value)
+    raise TypeError(f"{where}: {type(value).__name__} cannot be stored in a weights-only checkpoint")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile wraps in `_orig_mod`, DataParallel/DDP in `module`; save the bare model's keys.
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    arch: str,
+    arch_kwargs: dict | None = None,
+    dataset: str | None = None,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a robusteval checkpoint atomically and return its path.
+
+    ``training`` is the training configuration (including the ``command`` that produced it),
+    ``metrics`` e.g. per-epoch clean/robust accuracy, ``extra`` anything else made of tensors and
+    primitives (the trainer's optimizer state and RNG states for ``--resume``). Dataclasses, paths and
+    numpy values are converted; anything that would need pickled code raises ``TypeError``.
+    """
+    path = Path(path)
+    model = _unwrap(model)
+    norm = find_normalize(model)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "arch_kwargs": _plain(dict(arch_kwargs or {}), "arch_kwargs"),
+        "dataset": dataset,
+        "normalization": norm.as_dict() if norm is not None else None,
+        "training": _plain(training or {}, "training"),
+        "metrics": _plain(metrics or {}, "metrics"),
+        "extra": _plain(extra or {}, "extra"),
+        "versions": {"robusteval": __version__, "torch": str(torch.__version__)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _resolve(spec: str | os.PathLike) -> tuple[Path, str | None]:
+    text = os.fspath(spec)
+    if text.startswith("zoo:"):
+        name = text[4:]
+        for suffix in _ZOO_SUFFIXES:
+            if (ZOO_DIR / f"{name}{suffix}").is_file():
+                return ZOO_DIR / f"{name}{suffix}", name
+        raise UserError(f"unknown zoo model {name!r}; available: {', '.join(list_zoo()) or 'none'}")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    return path, None
+
+
+def _sniff(path: Path) -> str:
+    """Which loader fits: 'export', 'torchscript', 'pickle' or 'unknown', judged from the bytes."""
+    if zipfile.is_zipfile(path):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any(n.endswith("/archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+            return "export"
+        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+            return "torchscript"
+        return "pickle" if any(n.endswith("data.pkl") for n in names) else "unknown"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # Legacy (non-zip) torch.save files and raw pickles start with the PROTO opcode 0x80.
+    return "pickle" if head[:1] == b"\x80" else "unknown"
+
+
+# Members of a plain torch.export.save archive (paths below its top folder); anything else is refused.
+_EXPORT_MEMBERS = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/[\w.-]+|models/[\w.-]+\.json|extra/[^/]+"
+    r"|data/(?:weights|constants)/[\w.-]+_config\.json|data/weights/weight_\d+|data/constants/tensor_\d+"
+    r"|data/sample_inputs/[\w.-]+\.pt"
+)
+
+
+def _check_export_archive(path: Path) -> None:
+    """Refuse a ``.pt2`` that ``torch.export.load`` would load by running code from the file.
+
+    ``torch.export.load`` unpickles payloads marked ``use_pickle`` and opaque constants with
+    ``weights_only=False``, retries the sample inputs with ``weights_only=False`` when the safe load
+    fails, and loads AOTInductor shared libraries — its documentation says never to load untrusted
+    files. We accept only the members of a plain ``torch.export.save`` archive whose weights are raw
+    tensor bytes and whose sample inputs load with ``weights_only=True``.
+    """
+
+    def refuse(why: str):
+        raise UserError(f"{path}: {why}, which torch.export.load would run or unpickle unrestricted; refused")
+
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        top = names[0].split("/")[0] + "/" if names else ""
+        strip = len(top) if all(n.startswith(top) for n in names) else 0
+        for name in names:
+            member = name[strip:]
+            if member.endswith("/"):
+                continue
+            if not _EXPORT_MEMBERS.fullmatch(member):
+                refuse(f"it contains {member}")
+            if member.endswith("_config.json"):
+                for key, entry in json.loads(archive.read(name)).get("config", {}).items():
+                    raw = str(entry.get("path_name", "")).startswith(("weight_", "tensor_"))
+                    if entry.get("use_pickle") or not raw:
+                        refuse(f"it stores {key} as a pickled object")
+            elif member.startswith("data/sample_inputs/"):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception:  # noqa: BLE001 — any failure triggers torch's unrestricted retry
+                    refuse(f"its {member} is not weights-only loadable")
+
+
+_NOT_A_MODEL = "is not a robusteval checkpoint, state_dict, torch.export program (.pt2) or TorchScript file"
+
+
+def _torch_load(path: Path):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol chatter from the unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            found = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise UserError(
+                f"{path} needs arbitrary code execution to load{what}; refused, nothing was run "
+                "(save a state_dict, a robusteval checkpoint or a torch.export program instead)"
+            ) from None
+        raise UserError(f"{path} {_NOT_A_MODEL} (unreadable pickle: {exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path} {_NOT_A_MODEL} ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _fit_state_dict(model: nn.Module, state: dict, arch: str) -> tuple[dict, str]:
+    """Adapt harmless key differences, then report real mismatches in one line.
+
+    Returns the state_dict to load and where the normalisation came from. Harmless: prefixes added by
+    DataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``); a state_dict of the bare network
+    without our ``normalize.`` buffers (the architecture's default normalisation is kept, and torchvision
+    ResNet weights map onto ``net.``); missing ``num_batches_tracked`` counters.
+    """
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    own = model.state_dict()
+    norm_source = "checkpoint"
+    if not any(k.startswith("normalize.") for k in state):
+        norm_source = "architecture default"
+        state.update({k: v for k, v in own.items() if k.startswith("normalize.")})
+        if all(k.startswith(("normalize.", "net.")) for k in own) and not any(
+            k.startswith("net.") for k in state
+        ):
+            state = {k if k.startswith("normalize.") else f"net.{k}": v for k, v in state.items()}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {'; '.join(items[:3])})")
+        raise UserError(f"state_dict does not fit architecture {arch!r}: " + ", ".join(parts))
+    return state, norm_source
+
+
+def _build(arch: str, arch_kwargs: dict, state: dict):
+    spec = get_arch(arch)
+    model = create_model(arch, **arch_kwargs)
+    state, norm_source = _fit_state_dict(model, state, arch)
+    model.load_state_dict(state, strict=False)  # strictness was checked, with a readable message
+    return model, spec, norm_source
+
+
+def load_model(
+    spec: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu", arch_kwargs=None
+) -> LoadedModel:
+    """Load a model for evaluation from a path or ``zoo:NAME``; never executes code from the file.
+
+    ``arch`` (and ``arch_kwargs``) are needed for a plain state_dict and ignored for files that carry
+    their own structure; for a robusteval checkpoint a different ``arch`` is an error. Every problem is
+    a one-line :class:`UserError`.
+    """
+    path, zoo_name = _resolve(spec)
+    digest = sha256_file(path)
+    kind = _sniff(path)
+    meta: dict = {"name": zoo_name} if zoo_name else {}
+
+    if kind == "export":
+        _check_export_archive(path)
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:  # noqa: BLE001 — any failure here means "not a loadable program"
+            raise UserError(f"{path}: cannot load the torch.export program ({exc})") from None
+        if torch.device(device).type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, torch.device(device))
+        shapes = [
+            n.meta["val"].shape
+            for n in program.graph.nodes
+            if n.op == "placeholder" and n.name in program.graph_signature.user_inputs and "val" in n.meta
+        ]
+        meta.update(arch=None, note="train/eval behaviour fixed at export time")
+        if shapes:
+            meta["input_size"] = tuple(int(s) for s in shapes[0][1:])
+        return LoadedModel(ExportedModel(program.module()).eval(), meta, digest, "torch.export", path)
+
+    if kind == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+                model = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path}: cannot load the TorchScript archive ({exc})") from None
+        meta.update(arch=None)
+        return LoadedModel(model.eval(), meta, digest, "torchscript", path)
+
+    if kind != "pickle":
+        raise UserError(f"{path} {_NOT_A_MODEL}")
+    obj = _torch_load(path)
+
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(
+                f"{path}: checkpoint format version {version} is newer than this robusteval reads"
+            )
+        if arch is not None and arch != obj["arch"]:
+            raise UserError(f"{path} is a {obj['arch']!r} checkpoint, but arch {arch!r} was given")
+        model, spec, norm_source = _build(obj["arch"], dict(obj.get("arch_kwargs") or {}), obj["state_dict"])
+        meta.update({k: v for k, v in obj.items() if k != "state_dict"})
+        source = "robusteval-checkpoint"
+    else:
+        # Common wrappers from other tools: {"state_dict": {...}} or {"model": {...}}.
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+                obj = obj[key]
+                break
+        if not _is_state_dict(obj):
+            raise UserError(f"{path} {_NOT_A_MODEL}")
+        if arch is None:
+            raise UserError(
+                f"{path} is a plain state_dict; pass --arch NAME to say which architecture it belongs to "
+                f"(known: {', '.join(list_models())})"
+            )
+        model, spec, norm_source = _build(arch, dict(arch_kwargs or {}), obj)
+        meta.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}), dataset=None)
+        source = "state_dict"
+    norm = find_normalize(model)
+    meta["normalization"] = norm.as_dict() if norm is not None else None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    meta.update(
+        normalization_source=norm_source,
+        input_size=spec.input_size,
+        num_classes=linears[-1].out_features if linears else spec.num_classes,
+    )
+    return LoadedModel(model.to(device).eval(), meta, digest, source, path)

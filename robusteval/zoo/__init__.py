@@ -1,0 +1,1 @@
+"""Bundled checkpoints (`zoo:NAME`) and the bundled Fashion-MNIST test subset; see README.md here."""
