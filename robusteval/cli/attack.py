@@ -1,0 +1,135 @@
+"""``robusteval attack``: run an attack battery on one or more models and print the robust-accuracy table.
+
+Parse → :func:`robusteval.runner.evaluate` → :func:`robusteval.reports.summarize` → render (ARCHITECTURE.md,
+"CLI"): the table and output paths on stdout, progress and errors on stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from robusteval.cli import cli
+from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
+from robusteval.errors import UserError
+
+#: ε when ``--eps`` is not given: the usual radius per dataset (LLR paper: 8/255 CIFAR-10, 4/255
+#: ImageNet; 0.1 Fashion-MNIST, 0.3 MNIST).
+DEFAULT_EPS = {"fashion-mnist": "0.1", "mnist": "0.3", "cifar10": "8/255", "cifar100": "8/255",
+               "svhn": "8/255", "imagenet": "4/255"}  # fmt: skip
+DEFAULT_ATTACKS = ("untargeted", "multi-targeted")
+DEFAULT_N = 1000
+
+
+def default_out(prefix: str) -> Path:
+    """``runs/<prefix>-YYYYmmdd-HHMMSS``: a fresh directory per run unless ``--out`` names one."""
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_data(name: str, data_dir, n: int, n_given: bool, download: bool = False):
+    """The first ``n`` test examples of ``name``; the default ``n`` shrinks to what the data has."""
+    from robusteval.data import load_dataset
+
+    ds = load_dataset(name, split="test", data_dir=data_dir, download=download)
+    if n < 1:
+        raise UserError(f"--n must be positive, got {n}")
+    if n > len(ds):
+        if n_given:
+            raise UserError(f"--n {n} is more than the {len(ds)} test examples of {ds.name} ({ds.source})")
+        n = len(ds)
+    if ds.bundled:
+        click.echo(f"note: using the {ds.source} of the Fashion-MNIST test split", err=True)
+    return ds.subset(slice(0, n))
+
+
+def show_results(df, out: Path, rows=("model",), title: str | None = None) -> None:
+    """Print the summary table of ``df`` and save ``summary.csv``/``summary.md`` next to the records."""
+    from robusteval import reports
+
+    table = reports.summarize(df, rows=rows)
+    note = reports.mode_note(df)
+    reports.print_table(table, title=title, note=note)
+    paths = reports.save_summary(table, out, note=note, title=title)
+    click.echo(f"records: {out / 'records.csv'}")
+    click.echo(f"summary: {', '.join(map(str, paths))}")
+
+
+@cli.command("attack")
+@click.option("--model", "-m", "models", multiple=True, required=True,
+              help="Checkpoint path or zoo:NAME (repeat for several models).")
+@click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
+              help="Attack preset, in battery order (repeat): untargeted, random-targeted, multi-targeted, "
+                   "fgsm-20, pgd-K.")
+@click.option("--eps", "eps_texts", multiple=True,
+              help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
+                   "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
+@click.option("--eps-scale", type=float, default=1.0, show_default=True, help="Divide every --eps by this.")
+@click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's, else fashion-mnist).")
+@click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives.")
+@click.option("--download", is_flag=True, help="Download the dataset through torchvision if missing.")
+@click.option("--n", "n", type=int, default=DEFAULT_N, show_default=True,
+              help="Evaluate the first N test examples.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds every random start (per example).")
+@click.option("--restarts", type=int, default=None, help="Override the presets' restarts (paper: 20).")
+@click.option("--steps", type=int, default=None, help="Override the presets' steps (paper: 200).")
+@click.option("--step-size", default=None, help="First step size: 0.1 (pixel units) or 0.25eps (relative).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default runs/attack-<time>); the same --out resumes a run.")
+@click.option("--arch", default=None, help="Architecture name, for checkpoints that are bare state_dicts.")
+@click.option("--no-skip", is_flag=True,
+              help="Run every attack on every clean-correct example (independent per-attack columns).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
+                   batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, quiet):
+    """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
+
+    Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
+    of the attacks before it (worst case), --no-skip runs every attack on every example. Every
+    adversarial example is verified (‖δ‖∞ ≤ ε, inside [0,1], re-classified in eval mode) before it is
+    recorded in OUT/records.csv, one row per model × attack × ε × example; rerunning with the same
+    --out resumes. Also writes OUT/summary.csv and OUT/summary.md.
+
+    \b
+    Examples:
+      robusteval attack --model ckpt.pt --attack multi-targeted --eps 8/255
+      robusteval attack -m zoo:fmnist-adv2 -m zoo:fmnist-llr2 -a untargeted -a multi-targeted --eps 0.1
+      robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
+      robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
+    """
+    from robusteval import runner
+
+    if steps is not None and steps < 0 or restarts is not None and restarts < 1:
+        raise UserError("--steps must be ≥ 0 and --restarts ≥ 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    eps_values = [parse_eps(t, eps_scale) for t in eps_texts]
+    size = parse_step_size(step_size)
+    overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
+                     relative_step=size[1] if size else None)
+    runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, **overrides)  # names, early
+    device = resolve_device(device)
+    entries = runner.load_entries(models, arch=arch, device=device)
+    if dataset is None:
+        found = {e.meta.get("dataset") for e in entries if e.meta.get("dataset")}
+        if len(found) > 1:
+            raise UserError(f"the models were trained on different datasets ({', '.join(sorted(found))}); "
+                            "pass --dataset")
+        dataset = found.pop() if found else "fashion-mnist"
+    n_given = ctx.get_parameter_source("n") is not click.core.ParameterSource.DEFAULT
+    ds = load_data(dataset, data_dir, n, n_given, download)
+    if not eps_values:
+        text = DEFAULT_EPS.get(ds.name, "8/255")
+        click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)
+        eps_values = [parse_eps(text)]
+    out = Path(out) if out else default_out("attack")
+    click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
+    df = runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
+                         seed=seed, out=out, no_skip=no_skip, progress=not quiet, **overrides)
+    title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
+    show_results(df, out, title=title)

@@ -1,0 +1,217 @@
+"""``robusteval gamma``: per-example local linearity γ(ε, x) of one or more models (LLR Figure F3).
+
+Also holds the helpers the figure commands share (loading a model and its dataset, default ε).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from robusteval.cli import cli
+from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
+from robusteval.errors import UserError
+
+#: ε used when ``--eps`` is not given: the usual radius for each dataset (LLR paper: 8/255 CIFAR-10,
+#: 4/255 ImageNet; 0.1 is the common Fashion-MNIST choice, 0.3 MNIST's).
+DEFAULT_EPS = {"fashion-mnist": "0.1", "mnist": "0.3", "cifar10": "8/255", "cifar100": "8/255",
+               "svhn": "8/255", "imagenet": "4/255"}
+DEFAULT_N = 1000
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def progress():
+    """A rich progress bar on stderr (data stays clean on stdout); vanishes when done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console(stderr=True), transient=True)
+
+
+def load(spec: str, arch: str | None, device: str):
+    """Load a model (path or ``zoo:NAME``) for evaluation; every problem is one :class:`UserError` line."""
+    from robusteval.models import load_model
+
+    return load_model(spec, arch=arch, device=device)
+
+
+def dataset_name(loaded, dataset: str | None) -> str:
+    """``--dataset`` if given, else the checkpoint's own dataset, else Fashion-MNIST."""
+    return dataset or loaded.meta.get("dataset") or "fashion-mnist"
+
+
+def resolve_eps(eps: str | None, scale: float, dataset: str) -> float:
+    if eps is None:
+        eps = DEFAULT_EPS.get(dataset, "8/255")
+        click.echo(f"using the default ε = {eps} for {dataset} (set it with --eps)", err=True)
+    return parse_eps(eps, scale)
+
+
+def check_fits(loaded, ds, device: str) -> None:
+    """One forward on one example, so a model/dataset mismatch is a clear error, not a traceback."""
+    import torch
+
+    want, have = loaded.meta.get("input_size"), tuple(ds.input_shape)
+    if want and tuple(want) != have:
+        raise UserError(f"model {loaded.name} takes images of shape {tuple(want)} but {ds.name} images are "
+                        f"{have}; pick the matching --dataset")
+    try:
+        with torch.no_grad():
+            z = loaded.model(ds.images[:1].to(device))
+    except RuntimeError as exc:
+        raise UserError(f"model {loaded.name} cannot process {ds.name} images of shape {have} "
+                        f"({str(exc).splitlines()[0]})") from None
+    if z.ndim != 2 or int(ds.labels.max()) >= z.shape[1]:
+        raise UserError(f"model {loaded.name} outputs {tuple(z.shape[1:])} logits but {ds.name} has "
+                        f"labels up to {int(ds.labels.max())}")
+
+
+def load_data(name: str, data_dir, n: int | None):
+    from robusteval.data import load_dataset
+
+    ds = load_dataset(name, split="test", data_dir=data_dir)
+    if n is not None and n > len(ds):
+        raise UserError(f"--n {n} is more than the {len(ds)} examples of {ds.name} test ({ds.source})")
+    if ds.bundled:
+        click.echo(f"note: using {ds.source} of the Fashion-MNIST test split", err=True)
+    return ds.subset(slice(0, min(n or DEFAULT_N, len(ds))))
+
+
+def unique_names(names: list[str], specs: list[str]) -> list[str]:
+    """Display names for the records: the zoo name or file stem, else the spec, else spec#k."""
+    names = [spec if names.count(nm) > 1 else nm for nm, spec in zip(names, specs, strict=True)]
+    return [f"{nm}#{names[:i].count(nm) + 1}" if names.count(nm) > 1 else nm for i, nm in enumerate(names)]
+
+
+def model_options(f):
+    """Options shared by gamma, surface and show."""
+    for opt in reversed([
+        click.option("--eps-scale", type=float, default=1.0, show_default=True,
+                      help="Divide --eps by this (e.g. 255 to give ε in pixel levels)."),
+        click.option("--dataset", default=None,
+                     help="Dataset name (default: the checkpoint's, else fashion-mnist)."),
+        click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:k]."),
+        click.option("--arch", default=None, help="Architecture name, for a plain state_dict."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("gamma")
+@click.option("--model", "models", multiple=True, required=True,
+              help="Checkpoint path or zoo:NAME; repeat to compare models.")
+@click.option("--eps", default=None, help="Radius ε: 8/255, 0.031 (default: per dataset).")
+@model_options
+@click.option("--n", type=click.IntRange(min=1), default=None,
+              help=f"Number of test examples (default {DEFAULT_N}, or all if fewer).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Adam steps of the γ search (paper: 50).")
+@click.option("--step-size", default="0.1", show_default=True,
+              help="Adam step size in pixel units (paper: 0.1), or relative like 0.25eps.")
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--bn", type=click.Choice(["eval", "nominal"]), default="eval", show_default=True,
+              help="Batch norm: running statistics, or the nominal batch's (the LLR trainer's convention).")
+@click.option("--grad-mode", type=click.Choice(["deepmind", "exact"]), default="deepmind", show_default=True,
+              help="deepmind: stop-gradient on δ in the linear term (DeepMind's code); exact: true gradient.")
+@click.option("--bins", type=click.IntRange(min=1), default=30, show_default=True, help="Histogram bins.")
+@click.option("--log-counts", is_flag=True, help="Log-scale histogram counts.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/gamma", show_default=True,
+              help="Output directory.")
+def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed, n, batch_size, steps,
+                  step_size, restarts, bn, grad_mode, bins, log_counts, out):
+    """Measure local linearity γ(ε, x) per test example (Qin et al. 2019, Eq. 5; supplementary F.4).
+
+    γ(ε,x) = max over the ε-ball of |ℓ(x+δ) − ℓ(x) − δᵀ∇ℓ(x)|, searched with 50 Adam steps of size 0.1
+    from a random start. Writes DIR/gamma.csv (one row per model and example), DIR/gamma_hist.png with
+    the models' √γ histograms on shared bins (Figure F3), DIR/gamma_hist.csv (its bin counts) and
+    DIR/gamma_summary.csv; prints mean, median and 90th percentile of √γ per model.
+
+    \b
+    Examples:
+      robusteval gamma --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --eps 0.1
+      robusteval gamma --model ckpt.pt --eps 8/255 --dataset cifar10 --n 1000 --out runs/g
+      robusteval gamma --model ckpt.pt --eps 8 --eps-scale 255 --bn nominal --log-counts
+    """
+    import pandas as pd
+    import torch
+
+    from robusteval.figures import gamma_histogram
+    from robusteval.linearity import gamma, gamma_summary
+
+    device = resolve_device(device)
+    step = parse_step_size(step_size)
+    if eps is not None:
+        parse_eps(eps, eps_scale)  # a bad ε fails before any model loads
+    loaded = [load(spec, arch, device) for spec in models]
+    names = unique_names([m.name for m in loaded], list(models))
+    rows, data, jobs = [], {}, []
+    num = lambda t: t.detach().cpu().double().numpy()
+    for lm in loaded:  # every data/model problem surfaces before the long run starts
+        dname = dataset_name(lm, dataset)
+        if dname not in data:
+            data[dname] = load_data(dname, data_dir, n)
+        ds = data[dname]
+        check_fits(lm, ds, device)
+        jobs.append((ds, resolve_eps(eps, eps_scale, ds.name)))
+    with progress() as bar:
+        for lm, name, (ds, radius) in zip(loaded, names, jobs, strict=True):
+            task = bar.add_task(f"γ {name}", total=len(ds))
+            for x, y, ids in ds.batches(batch_size):
+                try:
+                    r = gamma(lm.model, x, y, radius, steps=steps, step_size=step[0], relative_step=step[1],
+                              restarts=restarts, bn=bn, grad_mode=grad_mode, seed=seed, ids=ids)
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
+                pred = r.clean_logits.argmax(1).cpu()
+                rows.append(pd.DataFrame({
+                    "model": name, "checkpoint_sha256": lm.sha256, "dataset": ds.name, "id": ids.numpy(),
+                    "label": y.numpy(), "pred": pred.numpy(), "clean_correct": (pred == y).numpy(),
+                    "gamma": num(r.gamma), "sqrt_gamma": num(r.sqrt_gamma), "lin_abs": num(r.lin),
+                    "loss": num(r.loss), "loss_adv": num(r.loss_adv), "eps": radius, "steps": steps,
+                    "step_size": step_size, "restarts": restarts, "bn": bn, "grad_mode": grad_mode,
+                    "seed": seed,
+                }))
+                bar.advance(task, len(y))
+                del r
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.concat(rows, ignore_index=True).to_csv(out / "gamma.csv", index=False)
+    # Every figure and table is redrawn from the file just written (records are the one result format).
+    df = pd.read_csv(out / "gamma.csv")
+    hist = gamma_histogram(df, out / "gamma_hist.png", log=log_counts, bins=bins)
+    hist.to_frame().to_csv(out / "gamma_hist.csv", index=False)
+    summary = gamma_summary(df)
+    summary.to_csv(out / "gamma_summary.csv", index=False)
+    render_summary(summary)
+    for f in ("gamma.csv", "gamma_hist.png", "gamma_hist.csv", "gamma_summary.csv"):
+        click.echo(str(out / f))
+
+
+def render_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table(title="local linearity √γ(ε, x) per model (lower = more linear)")
+    for col, label in [("model", "model"), ("n", "n"), ("eps", "ε"), ("clean_acc", "clean acc"),
+                       ("sqrt_gamma_mean", "mean √γ"), ("sqrt_gamma_median", "median √γ"),
+                       ("sqrt_gamma_p90", "p90 √γ"), ("gamma_mean", "mean γ")]:
+        if col == "model":  # names stay whole; the numeric columns may wrap instead
+            width = min(40, max([len(str(m)) for m in summary["model"]] + [5]))
+            table.add_column(label, min_width=width, overflow="fold")
+        else:
+            table.add_column(label, justify="right")
+    for r in summary.itertuples():
+        table.add_row(str(r.model), str(r.n), f"{r.eps:.4g}", f"{100 * r.clean_acc:.2f}%",
+                      f"{r.sqrt_gamma_mean:.4f}", f"{r.sqrt_gamma_median:.4f}", f"{r.sqrt_gamma_p90:.4f}",
+                      f"{r.gamma_mean:.4g}")
+    console().print(table)

@@ -1,0 +1,46 @@
+"""``robusteval report``: redraw any table from saved per-example records, without rerunning anything."""
+
+from __future__ import annotations
+
+import click
+
+from robusteval.cli import cli
+
+
+def _split(values) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+@cli.command("report")
+@click.argument("record_files", nargs=-1, required=True, metavar="RECORDS...")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "latex", "csv", "json"]),
+              default="table", show_default=True, help="Output format (table: a rich table).")
+@click.option("--rows", multiple=True, default=("model",), show_default=True,
+              help="Record column(s) for the rows (repeat or comma-separate), e.g. model,train_steps.")
+@click.option("--columns", default="attack", show_default=True,
+              help="Record column for the columns (attack: per-attack columns plus the worst case).")
+@click.option("--title", default=None, help="Table title / LaTeX caption.")
+def report_command(record_files, fmt, rows, columns, title):
+    """Summarise records.csv files (or run directories) into a robust-accuracy table.
+
+    Every number is a group-by of the per-example records: Nominal = clean accuracy, one column per
+    attack, and Worst case = robust against every attack (robust.all() per example). Several files
+    are combined (e.g. runs of different models), so the F3 table (regularizer variants) and the F4
+    table (methods with their PGD steps) of the LLR paper are both one command.
+
+    \b
+    Examples:
+      robusteval report runs/demo/records.csv
+      robusteval report runs/adv2 runs/llr2 --format latex
+      robusteval report runs/*/records.csv --rows model,train_steps --format markdown   # Table F4 style
+      robusteval report runs/x/records.csv --rows model --columns eps --format csv
+    """
+    from robusteval import records, reports
+
+    df = records.read(list(record_files))
+    table = reports.summarize(df, rows=_split(rows), columns=columns)
+    note = reports.mode_note(df) if columns == "attack" else None
+    if fmt == "table":
+        reports.print_table(table, title=title, note=note)
+    else:
+        click.echo(reports.render(table, fmt, note=note, title=title), nl=False)

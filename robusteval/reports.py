@@ -1,0 +1,202 @@
+"""Tables from per-example records: every number is a group-by of :mod:`robusteval.records` rows.
+
+:func:`summarize` builds the robust-accuracy tables of the LLR paper (Qin et al. 2019): rows are models
+(or any record columns, e.g. ``train_method`` + ``train_steps``), columns are *Nominal*, one column per
+attack and the per-example *Worst case* over all attacks.
+
+* Table F3 style — regularizer variants × Nominal / Untargeted / Multi-Targeted:
+  ``summarize(df, rows=["model"])``;
+* Table F4 style — methods with their PGD steps × Nominal / Untargeted / Multi-Targeted:
+  ``summarize(df, rows=["model", "train_steps"])`` (``train_steps`` comes from checkpoint metadata).
+
+A cell is the fraction of *units* — (model, dataset, ε, example) — that are robust against every record
+of the cell (``robust.all()`` per unit, then the mean). With ``columns="attack"`` a cell holds one
+record per unit, so it is that attack's robust accuracy; the worst-case column takes all attacks.
+Whether per-attack columns are independent depends on how the records were made (``mode``): with
+``no-skip`` each attack ran on every clean-correct example; in ``skip`` mode an attack ran only on the
+survivors of the ones before it, so its column is cumulative (robust against it *and* all earlier
+attacks). :func:`mode_note` states which, and the renderers print it under the table.
+
+Renderers: :func:`render` (``markdown``, ``latex``, ``csv``, ``json``) and :func:`rich_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from robusteval.errors import UserError
+
+UNIT = ("model", "dataset", "eps", "example_id")
+NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
+FORMATS = ("table", "markdown", "latex", "csv", "json")
+HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε",
+           "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
+_UPPER = {"fgsm", "pgd"}
+
+
+def attack_title(name: str) -> str:
+    """``multi-targeted`` → ``Multi-Targeted``, ``pgd-50`` → ``PGD-50`` (the paper's spelling)."""
+    return "-".join(p.upper() if p in _UPPER else p.capitalize() for p in str(name).split("-"))
+
+
+def format_eps(eps: float) -> str:
+    """ε as the paper writes it: ``8/255`` for a whole number of 1/255 steps (long decimal), else ``0.1``."""
+    k, short = float(eps) * 255, f"{float(eps):g}"
+    if abs(k - round(k)) < 1e-6 and round(k) != 0 and len(short) > 5:
+        return f"{round(k)}/255"
+    return short
+
+
+def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str = "attack",
+              worst_case: bool = True) -> pd.DataFrame:
+    """Robust-accuracy table (fractions in [0, 1]) as a DataFrame.
+
+    Output columns: the ``rows`` keys, ``n`` (examples per row), ``Nominal`` (clean accuracy), one column
+    per value of ``columns`` in order of first appearance, and ``Worst case`` (only for
+    ``columns="attack"``). When the records hold several ε and ``eps`` is not among ``rows``/``columns``,
+    ``eps`` is added to the rows, so numbers at different radii are never averaged together.
+    """
+    rows = list(dict.fromkeys(rows))
+    for col in [*rows, columns]:
+        if col not in df.columns:
+            raise UserError(f"unknown record column {col!r}; available: {', '.join(df.columns)}")
+    if columns in rows:
+        raise UserError(f"{columns!r} cannot be both a row key and the column key")
+    if df.empty:
+        raise UserError("no records to summarise")
+    if df["eps"].nunique() > 1 and "eps" not in rows and columns != "eps":
+        rows.append("eps")
+    unit = list(dict.fromkeys([*rows, *UNIT]))
+    groups = dict(sort=False, dropna=False)
+    per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"))
+    table = per_unit.groupby(rows, **groups).agg(**{COUNT: ("clean", "size"), NOMINAL: ("clean", "mean")})
+    for value in pd.unique(df[columns]):
+        sub = df[df[columns] == value]
+        robust = sub.groupby(unit, **groups)["robust"].all().groupby(rows, **groups).mean()
+        label = attack_title(value) if columns == "attack" else (
+            format_eps(value) if columns == "eps" else str(value))
+        table[label] = robust
+    if worst_case and columns == "attack":
+        table[WORST] = per_unit.groupby(rows, **groups)["robust"].mean()
+    return table.reset_index()
+
+
+def mode_note(df: pd.DataFrame) -> str:
+    """One line saying how per-attack columns were computed (see the module docstring)."""
+    modes = set(df["mode"].unique())
+    if modes == {"no-skip"}:
+        return ("Each attack ran on every clean-correct example (--no-skip); "
+                "Worst case = robust to all attacks.")
+    note = ("Battery mode: each attack ran only on the survivors of the attacks before it, so an attack's "
+            "column is the accuracy against it and all earlier attacks; use --no-skip for independent "
+            "columns.")
+    return note if modes == {"skip"} else "Mixed records (skip and no-skip); " + note
+
+
+def _cell(col: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "–"
+    if col == COUNT:
+        return str(int(value))
+    if col == "eps":
+        return format_eps(value)
+    if col == "train_steps":
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{100 * value:.2f}%"
+    return str(value)
+
+
+def row_keys(table: pd.DataFrame) -> list[str]:
+    """The row-key columns of a :func:`summarize` table (those before ``n``)."""
+    cols = list(table.columns)
+    return cols[: cols.index(COUNT)] if COUNT in cols else []
+
+
+def _text_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    keys = row_keys(table)
+    headers = [HEADERS.get(c, c) if c in keys else c for c in table.columns]
+    body = [[_cell(c if c in keys or c == COUNT else "", v) for c, v in zip(table.columns, r, strict=True)]
+            for r in table.itertuples(index=False, name=None)]
+    return headers, body
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("ε", r"$\epsilon$")):
+        text = text.replace(a, b)
+    return text
+
+
+def render(table: pd.DataFrame, fmt: str, note: str | None = None, title: str | None = None) -> str:
+    """Render a :func:`summarize` table as ``markdown``, ``latex``, ``csv`` or ``json`` text.
+
+    Row keys are rendered as labels, the rest as percentages. CSV and JSON keep the
+    accuracies as fractions in [0, 1] with full precision, for machines; markdown and LaTeX show
+    percentages with two decimals as in the paper.
+    """
+    keys = row_keys(table)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        data = [{k: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+                for r in table.to_dict("records")]
+        return json.dumps({"title": title, "note": note, "rows": data}, indent=2, ensure_ascii=False) + "\n"
+    headers, body = _text_rows(table)
+    if fmt == "markdown":
+        lines = [f"**{title}**", ""] if title else []
+        lines += ["| " + " | ".join(headers) + " |",
+                  "|" + "|".join("---" if c in keys else "---:" for c in table.columns) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
+    if fmt == "latex":
+        spec = "".join("l" if c in keys else "r" for c in table.columns)
+        lines = [r"\begin{table}[t]", r"\centering"]
+        lines += [rf"\caption{{{_latex_escape(title)}}}"] if title else []
+        lines += [rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                  " & ".join(map(_latex_escape, headers)) + r" \\", r"\midrule"]
+        lines += [" & ".join(map(_latex_escape, r)) + r" \\" for r in body]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [rf"\par\footnotesize {_latex_escape(note)}"] if note else []
+        return "\n".join(lines + [r"\end{table}"]) + "\n"
+    raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def rich_table(table: pd.DataFrame, title: str | None = None, note: str | None = None):
+    """The table as a :class:`rich.table.Table` (percentages, row keys left-aligned)."""
+    from rich.table import Table
+
+    keys = row_keys(table)
+    headers, body = _text_rows(table)
+    out = Table(title=title, caption=note, caption_justify="left")
+    for col, header in zip(table.columns, headers, strict=True):
+        out.add_column(header, justify="left" if col in keys else "right", no_wrap=True)
+    for r in body:
+        out.add_row(*r)
+    return out
+
+
+def print_table(table: pd.DataFrame, title: str | None = None, note: str | None = None, console=None) -> None:
+    """Print :func:`rich_table` on stdout, wide enough that no cell is cut when output is not a terminal."""
+    from rich.console import Console
+
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    console.print(rich_table(table, title, note))
+
+
+def save_summary(table: pd.DataFrame, out, note: str | None = None, title: str | None = None) -> list:
+    """Write ``summary.csv`` and ``summary.md`` into directory ``out``; return their paths."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "summary.csv", out / "summary.md"]
+    paths[0].write_text(render(table, "csv"))
+    paths[1].write_text(render(table, "markdown", note=note, title=title))
+    return paths

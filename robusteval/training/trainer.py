@@ -1,0 +1,505 @@
+"""The reference trainer: nominal, adversarial (ADV-k), TRADES and LLR, with exact resume.
+
+:func:`make_config` fills a :class:`TrainConfig` with per-dataset defaults (:data:`DATASET_DEFAULTS`:
+the LLR paper's CIFAR-10 hyper-parameters, supplementary F.2 / ALGORITHMS.md decision 10, and
+documented Fashion-MNIST/MNIST values); :func:`train` runs it and writes a robusteval checkpoint.
+
+Mechanics (ALGORITHMS.md 6.3):
+
+* SGD, momentum 0.9 (not Nesterov); weight decay on conv/linear *weights* only (pitfall 18);
+  learning rate multiplied by ``lr_decay_factor`` at each epoch in ``lr_decay_epochs`` (0-based
+  epoch index at which the new rate starts: the paper's "decrease after 100 and 105 epochs");
+* ε ramped linearly from exactly 0 at step 0 to ``eps`` over ``eps_ramp_epochs`` epochs, per step
+  (pitfall 10); the end-of-epoch evaluation always uses the full ``eps``;
+* randomness is derived, never drawn from global state: the data order of epoch e from
+  ``(seed, e)``, the augmentation of step t and the inner attack's random start from ``(seed, t)``
+  (the engine adds the example id). The global torch RNG only initialises the weights. So a run
+  interrupted at a step boundary and resumed continues bit for bit;
+* TF32 is switched off (decision 11): the LLR term is a small difference of O(1) numbers;
+* held-out evaluation at every epoch end: clean accuracy and PGD-50 robust accuracy (Adam 0.1, margin,
+  model in eval mode — the paper's on-the-fly check, Table F2) on the last ``eval_n`` training images,
+  which are never trained on;
+* a checkpoint (atomic, :func:`robusteval.models.save_checkpoint`) at every epoch end and on Ctrl-C:
+  the first Ctrl-C asks the loop to stop at the next step boundary and save; the ``extra["resume"]``
+  section holds the optimizer state, position (epoch, step in epoch, global step), RNG state and the
+  epoch's running sums, all tensors and plain values (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import attacks
+from robusteval.errors import UserError
+from robusteval.training.losses import METHODS, LossConfig, compute_loss
+
+#: Per-dataset defaults. ``decay_at``: lr decay points as fractions of ``epochs`` (so a shorter run keeps
+#: the schedule's shape); cifar10 reproduces the paper exactly (110 epochs, decays at 100 and 105).
+DATASET_DEFAULTS: dict[str, dict] = {
+    "cifar10": dict(arch="wrn28_8", eps=8 / 255, epochs=110, batch_size=256, lr=0.1, weight_decay=2e-4,
+                    decay_at=(100 / 110, 105 / 110), eps_ramp_epochs=15.0, steps=10, augment=True,
+                    activation="softplus"),
+    "fashion-mnist": dict(arch="small_cnn", eps=0.1, epochs=10, batch_size=128, lr=0.05, weight_decay=2e-4,
+                          decay_at=(0.7, 0.9), eps_ramp_epochs=2.0, steps=10, augment=False),
+}
+# WRN-28-8 with softplus is the paper's CIFAR-10 model (supplementary F.2, Table F2).
+DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
+DATASET_DEFAULTS["svhn"] = {**DATASET_DEFAULTS["cifar10"], "augment": False}
+DATASET_DEFAULTS["mnist"] = {**DATASET_DEFAULTS["fashion-mnist"], "eps": 0.3}
+DATASET_DEFAULTS["npz"] = DATASET_DEFAULTS["fashion-mnist"]
+
+_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10"}
+_TAG_ORDER, _TAG_AUG, _TAG_ATTACK, _TAG_EVAL = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (stored in the checkpoint's ``training`` section)."""
+
+    method: str
+    arch: str
+    dataset: str
+    eps: float
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_decay_epochs: tuple[int, ...]
+    eps_ramp_epochs: float
+    steps: int
+    augment: bool
+    momentum: float = 0.9
+    lr_decay_factor: float = 0.1
+    inner_step_size: float | None = None
+    inner_step_relative: bool = False
+    inner_optimizer: str = "adam"
+    llr_lambda: float = 4.0
+    llr_mu: float = 3.0
+    nominal_weight: float = 2.0
+    trades_beta: float = 6.0
+    grad_mode: str = "deepmind"
+    activation: str | None = None
+    seed: int = 0
+    n_train: int | None = None
+    eval_n: int = 1000
+    eval_steps: int = 50
+    data_dir: str | None = None
+    device: str = "cpu"
+    command: str = ""
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.method, self.steps, self.inner_step_size, self.inner_step_relative,
+                          self.inner_optimizer, self.llr_lambda, self.llr_mu, self.nominal_weight,
+                          self.trades_beta, self.grad_mode)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["lr_decay_epochs"] = tuple(int(e) for e in d.get("lr_decay_epochs", ()))
+        return cls(**d)
+
+
+def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainConfig:
+    """A :class:`TrainConfig` for ``method`` on ``dataset``: ``given`` values (``None`` = not given)
+    override :data:`DATASET_DEFAULTS`. Invalid values raise :class:`UserError`."""
+    dataset = _ALIASES.get(dataset.lower(), dataset.lower())
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    base = DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["cifar10"])
+    given = {k: v for k, v in given.items() if v is not None}
+    kw = {k: v for k, v in base.items() if k != "decay_at"}
+    kw.update(given)
+    if "lr_decay_epochs" not in given:
+        kw["lr_decay_epochs"] = tuple(sorted({round(f * kw["epochs"]) for f in base["decay_at"]}))
+    kw["lr_decay_epochs"] = tuple(int(e) for e in kw["lr_decay_epochs"])
+    try:
+        cfg = TrainConfig(method=method, dataset=dataset, **kw)
+        cfg.loss_config()
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid training configuration: {exc}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 2, f"--batch-size must be >= 2 (batch norm needs a batch), got {cfg.batch_size}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (0 <= cfg.eps <= 1, f"--eps must be in [0, 1] pixel units, got {cfg.eps}"),
+        (cfg.eps_ramp_epochs >= 0, f"--eps-ramp-epochs must be >= 0, got {cfg.eps_ramp_epochs}"),
+        (cfg.eval_n >= 0, f"--eval-n must be >= 0, got {cfg.eval_n}"),
+        (cfg.n_train is None or cfg.n_train >= 1, f"--n-train must be >= 1, got {cfg.n_train}"),
+        (all(e >= 0 for e in cfg.lr_decay_epochs), "--lr-decay-epochs must be non-negative epoch numbers"),
+        (min(cfg.llr_lambda, cfg.llr_mu, cfg.nominal_weight, cfg.trades_beta) >= 0,
+         "loss weights (--llr-lambda, --llr-mu, --nominal-weight, --trades-beta) must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# ----------------------------------------------------------------------------------------- building
+
+
+def load_training_data(cfg: TrainConfig, download: bool = False):
+    """``(train, heldout)``: the first ``n_train`` images of the training split, and its last ``eval_n``
+    images (never trained on; ``None`` when ``eval_n == 0``)."""
+    from robusteval.data import load_dataset
+
+    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=download)
+    total = len(full)
+    pool = total - cfg.eval_n
+    if pool < cfg.batch_size:
+        raise UserError(f"{cfg.dataset} train has {total} images; with --eval-n {cfg.eval_n} held out "
+                        f"fewer than one batch ({cfg.batch_size}) is left to train on")
+    n = cfg.n_train or pool
+    if n > pool:
+        raise UserError(f"--n-train {n} exceeds the {pool} training images left after holding out "
+                        f"--eval-n {cfg.eval_n}")
+    # Clone so a small subset does not keep the whole split's storage alive.
+    train = full.subset(slice(0, n))
+    train = dataclasses.replace(train, images=train.images.clone())
+    heldout = full.subset(slice(total - cfg.eval_n, total)) if cfg.eval_n else None
+    if heldout is not None:
+        heldout = dataclasses.replace(heldout, images=heldout.images.clone())
+    return train, heldout
+
+
+def build_model(cfg: TrainConfig, data) -> tuple[nn.Module, dict]:
+    """The architecture for ``data`` (classes, channels, normalisation inside), and its ``arch_kwargs``."""
+    from robusteval.models import NORMALIZATIONS, create_model, get_arch
+
+    spec = get_arch(cfg.arch)
+    shape = tuple(data.images.shape[1:])
+    if tuple(spec.input_size) != shape:
+        raise UserError(f"architecture {cfg.arch!r} takes inputs {tuple(spec.input_size)}, but {cfg.dataset} "
+                        f"images are {shape}")
+    accepted = inspect.signature(spec.factory).parameters
+    kwargs = {"num_classes": int(data.num_classes) if hasattr(data, "num_classes") else 10,
+              "normalization": data.name if getattr(data, "name", None) in NORMALIZATIONS
+              else {"mean": list(data.mean), "std": list(data.std)}}
+    if "in_channels" in accepted:
+        kwargs["in_channels"] = shape[0]
+    if cfg.activation is not None:
+        kwargs["activation"] = cfg.activation
+    return create_model(cfg.arch, **kwargs), kwargs
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on convolution and linear weights only (ALGORITHMS 6.3, pitfall 18).
+
+    Biases, batch-norm scales/offsets and anything else get no decay.
+    """
+    decay, other, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            kernel = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+            (decay if kernel else other).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: ``lr · factor^(number of decay epochs ≤ epoch)``."""
+    return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if epoch >= e)
+
+
+def eps_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Training radius at 0-based global ``step``: linear from exactly 0 to ``eps`` over the ramp."""
+    ramp = cfg.eps_ramp_epochs * steps_per_epoch
+    return cfg.eps if ramp <= 0 else cfg.eps * min(1.0, step / ramp)
+
+
+def _seed(cfg: TrainConfig, index: int, tag: int) -> int:
+    return attacks.example_seed(cfg.seed, index, tag)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: nn.Module, data, eps: float, *, steps: int = 50, batch_size: int = 250, seed: int = 0,
+             device="cpu") -> dict:
+    """Clean and PGD-``steps`` robust accuracy (engine preset ``pgd-K``: Adam 0.1, margin, one restart)
+    of ``model`` in eval mode on ``data``; robust = clean-correct and still correct (decision 3)."""
+    was = model.training
+    model.eval()
+    attack = attacks.get(f"pgd-{steps}", eps) if eps > 0 else None
+    clean = robust = 0
+    try:
+        for x, y, ids in data.batches(batch_size):
+            x, y = x.to(device), y.to(device)
+            if attack is None:
+                with torch.no_grad():
+                    ok = model(x).argmax(1) == y
+                clean += int(ok.sum())
+                robust += int(ok.sum())
+                continue
+            res = attacks.run(attack, model, x, y, ids=ids, seed=seed)
+            clean += int((res.clean_logits.argmax(1) == y).sum())
+            robust += int((~res.success).sum())
+    finally:
+        model.train(was)
+    n = len(data)
+    return {"clean_acc": clean / n, "pgd_acc": robust / n, "eval_n": n, "eval_attack": f"pgd-{steps}",
+            "eval_eps": eps}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class _DeferredInterrupt:
+    """The first Ctrl-C sets a flag (the loop saves at the next step boundary); a second one raises."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.requested, self._echo, self._previous = False, echo, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._echo("interrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``on_step`` after every completed optimisation step."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    eps: float
+    lr: float
+    loss: float
+    acc: float
+    parts: dict = field(default_factory=dict)
+
+
+def _load_resume(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path} to resume from")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any failure means "not a resumable checkpoint"
+        raise UserError(f"--resume: cannot read {path} ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "resume" not in (ckpt.get("extra") or {}):
+        raise UserError(f"--resume: {path} is not a checkpoint written by robusteval train")
+    return ckpt
+
+
+def resume_config(path: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a trainer checkpoint (for ``--resume``)."""
+    return TrainConfig.from_dict(_load_resume(Path(path))["training"])
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None, download: bool = False,
+          progress: bool = True, on_step: Callable[[StepInfo], None] | None = None) -> dict:
+    """Train ``cfg`` and write the checkpoint ``out`` (every epoch end and on interrupt); return metrics.
+
+    ``resume=True`` continues from the checkpoint at ``out`` with its stored position, optimizer state
+    and RNG state (the configuration should be :func:`resume_config`'s; ``epochs`` may be raised).
+    ``data`` = ``(train, heldout)`` datasets (objects with ``images``, ``labels``, ``ids``, ``batches``,
+    ``num_classes``, ``name``/``mean``/``std``; ``heldout`` may be ``None``) replaces
+    :func:`load_training_data`. ``on_step(StepInfo)`` runs after each step; a ``KeyboardInterrupt`` from
+    it (or a Ctrl-C) saves the checkpoint at that step boundary and propagates.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from robusteval.data import augment_crop_flip
+    from robusteval.models import save_checkpoint
+
+    out = Path(out)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":  # decision 11 / pitfall 9
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    train_ds, heldout = data if data is not None else load_training_data(cfg, download)
+    steps_per_epoch = len(train_ds) // cfg.batch_size  # drop_last: batch statistics need full batches
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(train_ds)} training images is less than one batch of {cfg.batch_size}")
+
+    torch.manual_seed(cfg.seed)  # weight initialisation only; everything else has its own generator
+    model, arch_kwargs = build_model(cfg, train_ds)
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    loss_cfg = cfg.loss_config()
+    start_epoch, start_step, history = 0, 0, []
+    sums = {"loss": 0.0, "correct": 0, "seen": 0}
+    if resume:
+        ckpt = _load_resume(out)
+        state = ckpt["extra"]["resume"]
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step_in_epoch"])
+        history = list((ckpt.get("metrics") or {}).get("epochs", []))
+        sums = dict(state.get("sums", sums))
+    console = Console(stderr=True)
+    echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True)
+    position = {"epoch": start_epoch, "step_in_epoch": start_step}
+
+    def metrics() -> dict:
+        m = {"epochs": history}
+        if history:
+            last = history[-1]
+            m.update({k: last[k] for k in ("clean_acc", "pgd_acc", "eval_n", "eval_attack", "eval_eps")
+                      if k in last})
+        return m
+
+    def save(finished: bool = False) -> None:
+        resume_state = {
+            **position,
+            "global_step": position["epoch"] * steps_per_epoch + position["step_in_epoch"],
+            "steps_per_epoch": steps_per_epoch,
+            "optimizer": _to_cpu(opt.state_dict()),
+            "rng": {"torch": torch.get_rng_state()},
+            "sums": dict(sums),
+            "finished": finished,
+        }
+        save_checkpoint(out, model, cfg.arch, arch_kwargs, cfg.dataset, training=cfg.as_dict(),
+                        metrics=metrics(), extra={"resume": resume_state})
+
+    if start_epoch >= cfg.epochs:
+        echo(f"{out}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
+        return metrics()
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    in_step = False
+    bar = Progress(*columns, console=console, disable=not progress)
+    with _DeferredInterrupt(echo) as interrupt, bar:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                lr = lr_at(cfg, epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                first = start_step if epoch == start_epoch else 0
+                if first == 0:
+                    sums = {"loss": 0.0, "correct": 0, "seen": 0}
+                order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
+                    _seed(cfg, epoch, _TAG_ORDER)))
+                task = bar.add_task(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
+                                    completed=first, info="")
+                started = time.perf_counter()
+                model.train()
+                for i in range(first, steps_per_epoch):
+                    t = epoch * steps_per_epoch + i
+                    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                    x, y, ids = train_ds.images[idx], train_ds.labels[idx], train_ds.ids[idx]
+                    if cfg.augment:
+                        x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, _TAG_AUG)))
+                    x, y = x.to(device), y.to(device)
+                    eps_t = eps_at(cfg, t, steps_per_epoch)
+                    in_step = True  # from here until the position update the model/optimizer mutate
+                    res = compute_loss(loss_cfg, model, x, y, eps=eps_t, ids=ids,
+                                       seed=_seed(cfg, t, _TAG_ATTACK))
+                    opt.zero_grad(set_to_none=True)
+                    res.loss.backward()
+                    opt.step()
+                    loss_value = float(res.loss.detach())
+                    correct = int((res.logits.detach().argmax(1) == y).sum())
+                    sums["loss"] += loss_value * len(y)
+                    sums["correct"] += correct
+                    sums["seen"] += len(y)
+                    position.update(epoch=epoch, step_in_epoch=i + 1)
+                    in_step = False
+                    avg, acc = sums["loss"] / sums["seen"], sums["correct"] / sums["seen"]
+                    info = f"loss {avg:.4f}  acc {acc:.1%}  ε {eps_t:.4f}  lr {lr:g}"
+                    bar.update(task, advance=1, info=info)
+                    if on_step is not None:
+                        on_step(StepInfo(epoch, i + 1, t + 1, eps_t, lr, loss_value, correct / len(y),
+                                         res.parts))
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                # End of epoch: held-out evaluation, then the checkpoint.
+                last_eps = eps_at(cfg, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
+                record = {"epoch": epoch + 1, "lr": lr, "train_eps": last_eps,
+                          "train_loss": sums["loss"] / max(sums["seen"], 1),
+                          "train_acc": sums["correct"] / max(sums["seen"], 1),
+                          "train_seconds": time.perf_counter() - started}
+                if heldout is not None and len(heldout):
+                    record.update(evaluate(model, heldout, cfg.eps, steps=cfg.eval_steps,
+                                           seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
+                history.append(record)
+                position.update(epoch=epoch + 1, step_in_epoch=0)
+                save(finished=epoch + 1 == cfg.epochs)
+                bar.remove_task(task)
+                summary = (f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                           f"train acc {record['train_acc']:.1%}  ε {record['train_eps']:.4f}")
+                if "clean_acc" in record:
+                    summary += (f"  held-out clean {record['clean_acc']:.1%}  "
+                                f"PGD-{cfg.eval_steps}@{cfg.eps:.4g} {record['pgd_acc']:.1%} "
+                                f"(n={record['eval_n']})")
+                echo(summary)
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if in_step:
+                # Interrupted inside a step: batch-norm buffers and maybe parameters have moved, so this
+                # state cannot be resumed exactly; keep the last good checkpoint.
+                echo(f"interrupted mid-step; {out} keeps the last saved state" if out.exists()
+                     else "interrupted mid-step before the first checkpoint; nothing saved")
+            else:
+                save()
+                echo(f"interrupted at epoch {position['epoch'] + 1}, step {position['step_in_epoch']}: "
+                     f"saved {out}; add --resume to continue")
+            raise
+    return metrics()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def command_line() -> str:
+    """The current process's command line as one shell-quoted string (stored in checkpoints)."""
+    import shlex
+
+    args = list(sys.argv)
+    if args and Path(args[0]).name in ("robusteval", "__main__.py"):
+        args[0] = "robusteval"
+    return shlex.join(args)
