@@ -19,16 +19,6 @@ from robusteval.errors import UserError
 from robusteval.models import create_model, load_model, save_checkpoint, sha256_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny CPU models run fastest on one intra-op thread; on a busy 2-core machine two threads
-    # oversubscribe (measured: WRN-16-4 build + forward 0.2 s on one thread, 3 s on two).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

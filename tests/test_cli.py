@@ -7,7 +7,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -15,14 +14,6 @@ import attacks
 from robusteval import records, reports, runner
 from robusteval.cli import cli
 from robusteval.models import checkpoints
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -14,15 +14,6 @@ ALL = list_models()
 LIGHT = [name for name in ALL if not get_arch(name).heavy]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny CPU models run fastest on one intra-op thread; on a busy 2-core machine two threads
-    # oversubscribe (measured: WRN-16-4 build + forward 0.2 s on one thread, 3 s on two).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -18,14 +18,6 @@ FAST = dict(steps=4, restarts=1)
 BATTERY = ["untargeted", "multi-targeted"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny models on a busy 2-core machine: one intra-op thread is fastest and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture()
 def data(tiny_npz):

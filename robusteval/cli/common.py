@@ -31,7 +31,8 @@ def parse_eps(text: str, scale: float = 1.0) -> float:
         elif re.fullmatch(_NUM, s):
             value = float(s)
         else:
-            raise UserError(f"invalid epsilon {text!r}: expected a number like 0.031, 8/255, or 8 with --eps-scale 255")
+            raise UserError(f"invalid epsilon {text!r}: expected a number like 0.031, 8/255, "
+                            "or 8 with --eps-scale 255")
     except (ValueError, ZeroDivisionError) as exc:
         if isinstance(exc, UserError):
             raise

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
-common="--arch small_cnn --dataset fashion-mnist --eps 0.1 --epochs 4 --eps-ramp-epochs 1 --n-train 10000 --eval-n 250 --seed 0 --quiet"
+common="--arch small_cnn --dataset fashion-mnist --eps 0.1 --epochs 4 --eps-ramp-epochs 1 --lr-decay-epochs 3 --n-train 15000 --eval-n 250 --seed 0 --threads 1 --quiet"
 run() { name=$1; shift; robusteval train "$@" $common --out "fmnist-$name.pt" > "fmnist-$name.log" 2>&1; }
 run nominal --method nominal &
 run adv10 --method adversarial --steps 10 &
