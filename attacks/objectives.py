@@ -12,6 +12,7 @@ Definitions follow ALGORITHMS.md §1 and DeepMind's IBP library (``_maximize_mar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,38 +82,50 @@ class MostLikelyTarget:
         return z.gather(1, t[:, None])[:, 0] - _other_max(z, t)
 
 
+def _cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(z, y, reduction="none")
+
+
 @dataclass(frozen=True)
 class LinearityGap:
-    """The local-linearity gap ``g(δ; x) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`` with ℓ = cross-entropy.
+    """The local-linearity gap ``g(δ; x) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|``.
 
-    Qin et al. 2019, Eq. (5); γ(ε, x) = max_{δ∈B(ε)} g(δ; x). ``ℓ(x)`` and ``∇ₓℓ(x)`` are computed once
-    per batch by :meth:`prepare` (or supplied by the caller in ``aux``, as the LLR trainer does with its
-    nominal-batch quantities). ``grad_mode="deepmind"`` stops the gradient through δ in the linear term,
-    as DeepMind's ``local_linearity`` does (ALGORITHMS.md §2(d)3, pitfall 8); ``"exact"`` keeps it.
+    Qin et al. 2019, Eq. (5); γ(ε, x) = max_{δ∈B(ε)} g(δ; x). ℓ is the per-example ``loss(logits, y)``,
+    cross-entropy by default (the paper's); other losses serve closed-form tests. ``ℓ(x)`` and
+    ``∇ₓℓ(x)`` are computed once per batch by :meth:`prepare`, or supplied by the caller in ``aux``
+    (``loss0``, ``grad0``), as the LLR trainer does with its nominal-batch quantities.
+    ``grad_mode="deepmind"`` stops the gradient through δ in the linear term, as DeepMind's
+    ``local_linearity`` does (ALGORITHMS.md §2(d)3, pitfall 8); ``"exact"`` keeps it.
     """
 
     grad_mode: str = "deepmind"
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
     name = "linearity-gap"
 
     def __post_init__(self):
         if self.grad_mode not in ("deepmind", "exact"):
             raise ValueError("grad_mode must be 'deepmind' or 'exact'")
 
-    def prepare(self, model, x, y, aux):
-        """Add ``loss0`` = ℓ(x) and ``grad0`` = ∇ₓℓ(x) (per example; gradient of the *sum*, pitfall 4)."""
-        if "loss0" in aux and "grad0" in aux:
-            return aux
+    def loss_and_grad(self, model, x, y):
+        """Per-example ``ℓ(x)`` and ``∇ₓℓ(x)`` (the gradient of the *sum*, pitfall 4), detached."""
         with torch.enable_grad():
             x0 = x.detach().requires_grad_(True)
-            loss = F.cross_entropy(model(x0), y, reduction="none")
+            loss = self.loss(model(x0), y)
             (grad,) = torch.autograd.grad(loss.sum(), x0)
-        return {**aux, "loss0": loss.detach(), "grad0": grad.detach()}
+        return loss.detach(), grad.detach()
+
+    def prepare(self, model, x, y, aux):
+        """Add ``loss0`` = ℓ(x) and ``grad0`` = ∇ₓℓ(x) unless the caller supplied them."""
+        if "loss0" in aux and "grad0" in aux:
+            return aux
+        loss, grad = self.loss_and_grad(model, x, y)
+        return {**aux, "loss0": loss, "grad0": grad}
 
     def pieces(self, z, y, delta, aux):
         """``(ℓ(x+δ), δᵀ∇ₓℓ(x))`` per example."""
         d = delta.detach() if self.grad_mode == "deepmind" else delta
         lin = (d * aux["grad0"]).flatten(1).sum(1)
-        return F.cross_entropy(z, y, reduction="none"), lin
+        return self.loss(z, y), lin
 
     def __call__(self, z, y, delta, aux):
         loss, lin = self.pieces(z, y, delta, aux)

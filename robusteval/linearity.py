@@ -111,35 +111,11 @@ def _bn_context(model: torch.nn.Module, bn: str, x: torch.Tensor, y: torch.Tenso
 
 
 def _loss_and_grad(model, x, y, loss_fn):
-    with torch.enable_grad():
-        x0 = x.detach().requires_grad_(True)
-        loss = loss_fn(model(x0), y)
-        # Gradient of the *sum*: per-example ∇ₓℓ(x) (pitfall 4; the mean would shrink δᵀ∇ℓ by B).
-        (grad,) = torch.autograd.grad(loss.sum(), x0)
-    return loss.detach(), grad.detach()
+    """Per-example ℓ(x) and ∇ₓℓ(x) (gradient of the sum, pitfall 4), as the engine computes them."""
+    return attacks.LinearityGap(loss=loss_fn).loss_and_grad(model, x, y)
 
 
 # ------------------------------------------------------------------------------------------------- γ
-
-
-@dataclass(frozen=True)
-class LossGap(attacks.LinearityGap):
-    """:class:`attacks.LinearityGap` with any per-example loss ``loss_fn(logits, y) -> [N]``.
-
-    The paper's ℓ is cross-entropy; other losses let tests check γ against closed forms.
-    """
-
-    loss_fn: LossFn = cross_entropy
-
-    def prepare(self, model, x, y, aux):
-        if "loss0" in aux and "grad0" in aux:
-            return aux
-        loss, grad = _loss_and_grad(model, x, y, self.loss_fn)
-        return {**aux, "loss0": loss, "grad0": grad}
-
-    def pieces(self, z, y, delta, aux):
-        d = delta.detach() if self.grad_mode == "deepmind" else delta
-        return self.loss_fn(z, y), (d * aux["grad0"]).flatten(1).sum(1)
 
 
 @dataclass
@@ -228,7 +204,7 @@ def gamma(
     x = x.detach().to(device=device, dtype=torch.float32)
     y = y.detach().to(device).long()
     attack = attacks.get("local-linearity", eps, steps=steps, restarts=restarts, step_size=step_size,
-                         relative_step=relative_step, objective=LossGap(grad_mode, loss_fn))
+                         relative_step=relative_step, objective=attacks.LinearityGap(grad_mode, loss_fn))
     with strict_fp32(device), eval_mode(model), torch.no_grad():
         clean_logits = model(x)  # clean accuracy is always judged in eval mode (decision 3)
     with strict_fp32(device), _bn_context(model, bn, x, y, loss_fn) as (loss0, grad0):

@@ -10,7 +10,6 @@
 from robusteval.training.batchnorm import MODES, BatchNormReplay, batchnorm_modules
 from robusteval.training.losses import (
     METHODS,
-    CriterionGap,
     LossConfig,
     LossOutput,
     TradesKL,
@@ -40,7 +39,7 @@ from robusteval.training.trainer import (
 
 __all__ = [
     "MODES", "BatchNormReplay", "batchnorm_modules",
-    "METHODS", "CriterionGap", "LossConfig", "LossOutput", "TradesKL", "adversarial_loss", "compute_loss",
+    "METHODS", "LossConfig", "LossOutput", "TradesKL", "adversarial_loss", "compute_loss",
     "cross_entropy", "inner_attack", "llr_loss", "llr_terms", "nominal_loss", "trades_loss",
     "DATASET_DEFAULTS", "StepInfo", "TrainConfig", "build_model", "eps_at", "evaluate", "load_training_data",
     "lr_at", "make_config", "make_optimizer", "resume_config", "train",

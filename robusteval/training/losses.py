@@ -103,21 +103,6 @@ class TradesKL:
         return F.kl_div(F.log_softmax(z, 1), aux["p_clean"], reduction="none").sum(1)
 
 
-@dataclass(frozen=True)
-class CriterionGap(attacks.LinearityGap):
-    """:class:`attacks.LinearityGap` with a pluggable per-example loss ``criterion(logits, y)``.
-
-    Lets tests use a loss that is affine in x (ALGORITHMS.md 6.4); with the default cross-entropy the
-    trainer uses :class:`attacks.LinearityGap` itself.
-    """
-
-    criterion: Callable = cross_entropy
-
-    def pieces(self, z, y, delta, aux):
-        d = delta.detach() if self.grad_mode == "deepmind" else delta
-        return self.criterion(z, y), (d * aux["grad0"]).flatten(1).sum(1)
-
-
 def inner_attack(preset: str, eps: float, cfg: LossConfig, objective=None) -> attacks.Attack:
     """The engine configuration of a training-time inner maximisation.
 
@@ -236,8 +221,7 @@ def llr_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int = 
             return LossOutput(cfg.nominal_weight * nominal + zero, z, parts, torch.zeros_like(x))
         if delta is None:
             bn.mode = "replay_detached"
-            gap = attacks.LinearityGap(cfg.grad_mode) if criterion is cross_entropy \
-                else CriterionGap(cfg.grad_mode, criterion)
+            gap = attacks.LinearityGap(cfg.grad_mode, criterion)
             res = attacks.run(inner_attack("local-linearity", eps, cfg, gap), model, x.detach(), y, ids=ids,
                               seed=seed, aux={"loss0": loss0.detach(), "grad0": grad0.detach()},
                               allow_train_mode=True)
