@@ -160,8 +160,8 @@ class _Best:
         n, dev = x.shape[0], x.device
         return cls(
             x=x.clone(), logits=z0.clone(), margin=margin0.clone(),
-            value=torch.full((n,), float("nan"), device=dev),
-            score=torch.full((n,), float("-inf"), device=dev),
+            value=torch.full((n,), float("nan"), device=dev, dtype=margin0.dtype),
+            score=torch.full((n,), float("-inf"), device=dev, dtype=margin0.dtype),
             success=(margin0 > 0) if misclassify else torch.zeros(n, dtype=torch.bool, device=dev),
             run=torch.full((n,), -1, dtype=torch.long, device=dev),
             target=torch.full((n,), -1, dtype=torch.long, device=dev),

@@ -28,6 +28,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,13 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
         "steps": res.steps, "target": res.target, "label": y,
     }  # fmt: skip
     cols = {k: v.detach().cpu().tolist() for k, v in cols.items()}
+    flips = int((res.success.cpu() == (z.argmax(1) == y).cpu()).sum())
+    if flips:
+        # The engine judged these points inside its own batch; the separate re-classification here disagrees.
+        # Only float rounding on the decision boundary can do that; the re-classification is what counts.
+        warnings.warn(f"{entry.name} / {atk.name}: {flips} adversarial point(s) lie on the decision boundary "
+                      "(engine and re-classification disagree by float rounding); recorded as re-classified",
+                      RuntimeWarning, stacklevel=2)
     rows = []
     for i, k in enumerate(chunk):
         pred, target = cols["adv_pred"][i], cols["target"][i]
