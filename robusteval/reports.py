@@ -74,14 +74,19 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
     groups = dict(sort=False, dropna=False)
     per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"))
     table = per_unit.groupby(rows, **groups).agg(**{COUNT: ("clean", "size"), NOMINAL: ("clean", "mean")})
+    complete = pd.Series(True, index=table.index)
     for value in pd.unique(df[columns]):
         sub = df[df[columns] == value]
-        robust = sub.groupby(unit, **groups)["robust"].all().groupby(rows, **groups).mean()
+        per_example = sub.groupby(unit, **groups)["robust"].all().groupby(rows, **groups)
+        # A column with fewer examples than its row (an interrupted run) would report the accuracy of
+        # whatever subset happens to be recorded: show it as missing ("–") instead of a wrong number.
+        done = per_example.size().reindex(table.index, fill_value=0) >= table[COUNT]
+        complete &= done
         label = attack_title(value) if columns == "attack" else (
             format_eps(value) if columns == "eps" else str(value))
-        table[label] = robust
+        table[label] = per_example.mean().where(done)
     if worst_case and columns == "attack":
-        table[WORST] = per_unit.groupby(rows, **groups)["robust"].mean()
+        table[WORST] = per_unit.groupby(rows, **groups)["robust"].mean().where(complete)
     return table.reset_index()
 
 

@@ -61,6 +61,20 @@ def test_worst_case_is_per_example_all():
     assert r"25.00\%" in reports.render(table, "latex")
 
 
+def test_incomplete_attack_column_is_not_reported_as_a_number():
+    # An interrupted run: multi-targeted has records for 2 of the 4 examples only. Its accuracy over the
+    # recorded subset (and a worst case ignoring the missing rows) would be a wrong, optimistic number.
+    base = {c: 0 for c in records.COLUMNS} | {"model": "m", "dataset": "d", "eps": 0.1, "mode": "no-skip",
+                                              "clean_correct": True}
+    rows = [base | {"example_id": i, "attack": "untargeted", "robust": i < 3} for i in range(4)]
+    rows += [base | {"example_id": i, "attack": "multi-targeted", "robust": True} for i in range(2)]
+    table = reports.summarize(records.coerce(pd.DataFrame(rows)))
+    row = table.iloc[0]
+    assert row["Untargeted"] == 0.75
+    assert pd.isna(row["Multi-Targeted"]) and pd.isna(row["Worst case"])
+    assert "| m | 4 | 100.00% | 75.00% | – | – |" in reports.render(table, "markdown")
+
+
 def test_model_is_unchanged(tiny_ckpt, data):
     model = load_model(tiny_ckpt).model
     model.train()  # the runner must evaluate in eval mode and restore train mode afterwards
