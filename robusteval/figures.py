@@ -142,7 +142,7 @@ def perturbation_figure(
         np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
     peak = float(np.abs(delta).max())
     scaled, _ = _image(0.5 + delta / (2 * peak) if peak > 0 else np.full_like(delta, 0.5))
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), layout="constrained")  # room for the suptitle
     panels = [(img, f"original\nlabel: {name(true_label)}\nprediction: {name(pred_label)}"),
               (adv, f"adversarial\nprediction: {name(adv_label)}"),
               (scaled, f"perturbation (scaled)\n‖δ‖∞ = {peak:.4g}")]
@@ -152,7 +152,6 @@ def perturbation_figure(
         ax.axis("off")
     fig.suptitle(title or f"Label: {name(true_label)} - Prediction: {name(pred_label)} - "
                           f"Adversarial: {name(adv_label)}", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
