@@ -25,7 +25,7 @@ The package name is generic; it ships inside the ``robusteval`` distribution and
 its own. Sources: ALGORITHMS.md (project design), the LLR supplementary, DeepMind's IBP attack library.
 """
 
-from .engine import Attack, Result, example_seed, generators, run
+from .engine import Attack, NonFiniteLogits, Result, example_seed, generators, run
 from .objectives import (
     OBJECTIVES,
     CrossEntropy,
@@ -56,7 +56,7 @@ from .schedules import Piecewise, constant, paper_decay, piecewise
 from .threats import LinfBall
 
 __all__ = [
-    "Attack", "Result", "run", "example_seed", "generators",
+    "Attack", "NonFiniteLogits", "Result", "run", "example_seed", "generators",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",

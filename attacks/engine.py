@@ -55,6 +55,18 @@ def generators(seed: int, ids, stream: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(example_seed(seed, int(i), stream)) for i in ids]
 
 
+class NonFiniteLogits(ValueError):
+    """The model returned NaN or inf logits; ``example_ids`` are the examples where it happened.
+
+    A model that is non-finite somewhere in the threat set cannot be evaluated: an attack cannot rank
+    NaN points, so reporting such examples as robust would be a false verdict.
+    """
+
+    def __init__(self, message: str, example_ids: torch.Tensor):
+        super().__init__(message)
+        self.example_ids = example_ids
+
+
 @dataclass(frozen=True)
 class Attack:
     """A complete attack configuration; its ``repr`` is stored with every result.
@@ -261,8 +273,10 @@ def run(
         z0 = model(x).detach()
     if z0.ndim != 2 or z0.shape[0] != n:
         raise ValueError(f"the model must return logits of shape [batch, classes]; got {tuple(z0.shape)}")
-    if not torch.isfinite(z0).all():
-        raise ValueError("the model returned non-finite logits (NaN or inf) on the clean inputs")
+    clean_bad = ~torch.isfinite(z0).all(1)
+    if bool(clean_bad.any()):
+        raise NonFiniteLogits("the model returned non-finite logits (NaN or inf) on the clean inputs, first "
+                              f"for example id {int(ids[clean_bad.cpu()][0])}", ids[clean_bad.cpu()])
     forward_rows = n
     num_classes = z0.shape[1]
     margin0 = margin_of(z0, y)
@@ -284,6 +298,7 @@ def run(
 
     best = _Best.initial(x, z0, margin0, misclassify)
     seen = torch.zeros(n, dtype=torch.bool, device=x.device)
+    nonfinite = torch.zeros(n, dtype=torch.bool, device=x.device)  # checked once at the end: no sync
     margin_is_objective = isinstance(objective, Margin) and objective.clip is None
     needs_delta = getattr(objective, "needs_delta", True)
 
@@ -310,6 +325,7 @@ def run(
                 grad = None if last else torch.autograd.grad(val.sum(), leaf)[0]
             forward_rows += act.numel()
             z, val = z.detach(), val.detach()
+            nonfinite[act] |= ~torch.isfinite(z).all(1)
             mg = val if margin_is_objective else margin_of(z, ys)
             xa = leaf.detach()
             solved = None
@@ -346,6 +362,10 @@ def run(
         if on_run is not None:
             on_run(j, len(runs), int((~best.success).sum()))
 
+    if bool(nonfinite.any()):
+        bad = ids[nonfinite.cpu()]
+        raise NonFiniteLogits(f"the model returned non-finite logits (NaN or inf) at {len(bad)} example(s)' "
+                              f"points inside the threat set, first for example id {int(bad[0])}", bad)
     best_x, success = best.x, best.success
     if n and not bool(threat.contains(best_x, x).all()):
         raise RuntimeError("internal error: an attack iterate left the threat set")

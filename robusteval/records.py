@@ -7,7 +7,9 @@ Columns (:data:`COLUMNS`)
 -------------------------
 identity   ``model`` (display name), ``checkpoint_sha256``, ``train_method`` / ``train_steps`` (from the
            checkpoint's training metadata when present — the "PGD steps" column of the LLR paper's
-           Table F4), ``dataset``, ``example_id`` (index in the official split), ``label``
+           Table F4), ``dataset``, ``example_id`` (index in the official split), ``label``,
+           ``example_sha`` (fingerprint of the example's pixels and label, :func:`example_digest`: two
+           runs agree on an example only if they saw the same image)
 attack     ``attack`` (preset name), ``attack_config`` (the frozen :class:`attacks.Attack`'s field
            list, ARCHITECTURE.md principle 5), ``eps`` ([0, 1] pixel units), ``seed``, ``mode``
            (``skip``: battery on survivors; ``no-skip``: every attack on every clean-correct example)
@@ -23,37 +25,53 @@ details    ``margin`` (max_{j≠y} z_j − z_y at the verified point), ``objecti
            ``seconds`` (wall time of the example's batch divided by its size)
 
 Files are appended one batch at a time (header once, flush + fsync per append), so a killed run loses
-at most the batch in flight, and :func:`resume_key` rows already on disk are skipped by a rerun.
+at most the batch in flight, and rows already on disk (same :data:`KEY`) are skipped by a rerun.
+
+Readers never write. :func:`read` validates the header, every field's type and the consistency of the
+files it is given (:func:`check_compatible`), and names the file and line of the first problem in one
+:class:`~robusteval.errors.UserError`. A torn last line (a run killed mid-write) is ignored by readers and
+cut only by :func:`append`, after the header proved the file is a records file.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from robusteval.errors import UserError
 
 COLUMNS: tuple[str, ...] = (
     "model", "checkpoint_sha256", "train_method", "train_steps", "dataset", "example_id", "label",
-    "attack", "attack_config", "eps", "seed", "mode", "status",
+    "example_sha", "attack", "attack_config", "eps", "seed", "mode", "status",
     "clean_pred", "adv_pred", "clean_correct", "success", "robust",
     "margin", "objective", "linf", "restart", "steps", "target", "targeted_success", "seconds",
 )  # fmt: skip
-STRINGS = ("model", "checkpoint_sha256", "train_method", "dataset", "attack", "attack_config", "mode",
-           "status")
+STRINGS = ("model", "checkpoint_sha256", "train_method", "dataset", "example_sha", "attack", "attack_config",
+           "mode", "status")
 INTS = ("example_id", "label", "seed", "clean_pred", "adv_pred", "restart", "steps", "target")
 BOOLS = ("clean_correct", "success", "robust", "targeted_success")
 FLOATS = ("eps", "margin", "objective", "linf", "seconds")
 NULLABLE_INTS = ("train_steps",)
+NULLABLE_FLOATS = ("margin", "objective", "linf")  # NaN for rows that were not attacked
 STATUSES = ("attacked", "clean-wrong", "skipped")
+MODES = ("skip", "no-skip")
+#: Columns added after the first release: a file without them still reads (they are left empty).
+ADDED_COLUMNS = ("example_sha",)
 FILENAME = "records.csv"
 
 #: The columns that identify a record; a rerun skips rows whose key is already on disk.
 KEY = ("model", "attack", "eps", "example_id")
+#: What must be the same for records of one (model, attack, ε) to come from one run.
+RUN_FIELDS = ("checkpoint_sha256", "attack_config", "seed", "mode")
+_TRUE, _FALSE = ("True", "true", "1"), ("False", "false", "0")
 
 
 def eps_key(eps: float) -> float:
@@ -61,9 +79,12 @@ def eps_key(eps: float) -> float:
     return round(float(eps), 12)
 
 
-def resume_key(row) -> tuple:
-    """``(model, attack, ε, example id)`` of a record (dict or pandas row)."""
-    return (str(row["model"]), str(row["attack"]), eps_key(row["eps"]), int(row["example_id"]))
+def example_digest(image, label: int) -> str:
+    """A short fingerprint of one example: SHA-256 of its float32 pixels and its label (16 hex digits)."""
+    pixels = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
+    h = hashlib.sha256(pixels.tobytes())
+    h.update(str(pixels.shape).encode() + b"|" + str(int(label)).encode())
+    return h.hexdigest()[:16]
 
 
 def _cell(value) -> str:
@@ -74,23 +95,56 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _header(path: Path) -> tuple[str, ...] | None:
+    """The first line of ``path`` as CSV fields (``None`` for an empty file or one that is not text)."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)
+    try:
+        return tuple(next(csv.reader([first.decode("utf-8").rstrip("\r\n")]), ()))
+    except UnicodeDecodeError:
+        return None
+
+
+def check_appendable(path: str | os.PathLike) -> None:
+    """Raise a :class:`UserError` unless records can be appended at ``path`` (before any work is done).
+
+    The directory must be creatable and writable; an existing file must be a records file of this
+    version (its header) and writable.
+    """
+    path = Path(path)
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"output directory {parent} exists and is not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {parent} ({exc.strerror or exc})") from None
+    if path.exists():
+        if not path.is_file():
+            raise UserError(f"{path} exists and is not a file")
+        if path.stat().st_size and _header(path) != COLUMNS:
+            raise UserError(f"{path} is not a records file of this robusteval version (its header differs); "
+                            "write to a fresh output directory")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write to {path} (permission denied)")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output directory {parent} (permission denied)")
+
+
 def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Append ``rows`` to the CSV at ``path`` (header written once), flush and fsync; return the count.
 
-    A partial last line left by a process killed mid-write is cut off first, so the file always parses.
+    Only a file whose header is this schema's is appended to; its partial last line, left by a process
+    killed mid-write, is cut off first, so the file always parses.
     """
     rows = list(rows)
     if not rows:
         return 0
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(path)
+    check_appendable(path)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if tuple(header or ()) != COLUMNS:
-            raise UserError(f"{path} has a different record schema; write to a fresh --out directory")
+        _repair_tail(path)
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
@@ -106,8 +160,7 @@ def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 
 
 def _repair_tail(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        return
+    """Cut a partial last line; only ever called on a file whose header was checked (:func:`append`)."""
     with open(path, "rb+") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
@@ -123,10 +176,10 @@ def empty() -> pd.DataFrame:
 
 
 def coerce(df: pd.DataFrame) -> pd.DataFrame:
-    """Give a records frame the schema's dtypes (CSV reading loses them)."""
+    """Give a records frame the schema's dtypes (for frames built in memory; files go through :func:`read`)."""
     df = df.copy()
     for c in STRINGS:
-        df[c] = df[c].fillna("").astype(str)
+        df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     for c in INTS:
         df[c] = pd.to_numeric(df[c]).astype("int64")
     for c in NULLABLE_INTS:
@@ -134,40 +187,177 @@ def coerce(df: pd.DataFrame) -> pd.DataFrame:
     for c in FLOATS:
         df[c] = pd.to_numeric(df[c]).astype("float64")
     for c in BOOLS:
-        df[c] = df[c].map(lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("true", "1"))
-        df[c] = df[c].astype(bool)
+        df[c] = df[c].map(lambda v: v if isinstance(v, bool) else str(v).strip() in _TRUE).astype(bool)
     return df
 
 
-def read(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
+def _bad(path: Path, line: int, message: str) -> UserError:
+    return UserError(f"{path}: line {line}: {message}")
+
+
+def _validate(raw: pd.DataFrame, lines: list[int], path: Path) -> pd.DataFrame:
+    """Check every field's type (raising at the first bad one, with its line) and return typed columns."""
+
+    def first_bad(mask: pd.Series, col: str, expected: str):
+        if bool(mask.any()):
+            i = int(np.flatnonzero(mask.to_numpy())[0])
+            raise _bad(path, lines[i], f"{col} is {raw[col].iloc[i]!r}, expected {expected}")
+
+    out = pd.DataFrame(index=raw.index)
+    for c in STRINGS:
+        out[c] = raw[c].astype(str)
+    first_bad(~raw["status"].isin(STATUSES), "status", " or ".join(STATUSES))
+    first_bad(~raw["mode"].isin(MODES), "mode", " or ".join(MODES))
+    for c in INTS + NULLABLE_INTS:
+        ok = raw[c].str.fullmatch(r"-?\d+")
+        if c in NULLABLE_INTS:
+            ok |= raw[c] == ""
+        first_bad(~ok, c, "an integer")
+        out[c] = pd.to_numeric(raw[c].replace("", None)).astype("Int64" if c in NULLABLE_INTS else "int64")
+    for c in FLOATS:
+        values = pd.to_numeric(raw[c].replace("", None), errors="coerce").astype("float64")
+        bad = values.isna() & (raw[c] != "" if c in NULLABLE_FLOATS else True)
+        first_bad(bad, c, "a number")
+        out[c] = values
+    first_bad(~np.isfinite(out["eps"]) | (out["eps"] < 0) | (out["eps"] > 1), "eps", "a radius in [0, 1]")
+    for c in BOOLS:
+        first_bad(~raw[c].isin(_TRUE + _FALSE), c, "True or False")
+        out[c] = raw[c].isin(_TRUE)
+    return out[list(COLUMNS)]
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"records file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a robusteval records file (not text)") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(rows, None)
+    except csv.Error as exc:
+        raise UserError(f"{path} is not a robusteval records file ({exc})") from None
+    columns = [c for c in COLUMNS if c not in ADDED_COLUMNS]
+    if header is None or not set(columns) <= set(header) or len(set(header)) != len(header):
+        raise UserError(f"{path} is not a robusteval records file (its first line is not the records header)")
+    torn = not text.endswith("\n")
+    last_line = text.count("\n") + 1
+    body, lines, dropped = [], [], False
+    try:
+        for fields in rows:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                if torn and rows.line_num == last_line:
+                    dropped = True
+                    break  # the partial last line of a killed run: ignored here, cut by the next append
+                raise _bad(path, rows.line_num, f"{len(fields)} fields, expected {len(header)}")
+            body.append(fields)
+            lines.append(rows.line_num)
+    except csv.Error as exc:
+        if not (torn and rows.line_num == last_line):
+            raise _bad(path, rows.line_num, str(exc)) from None
+        dropped = True  # an unterminated quote in the partial last line
+    raw = pd.DataFrame(body, columns=header, dtype=str) if body else pd.DataFrame(columns=header, dtype=str)
+    for c in ADDED_COLUMNS:
+        if c not in raw.columns:
+            raw[c] = ""
+    if torn and body and lines[-1] == last_line:
+        try:  # a last line without its newline: keep it only if it is a complete, valid row
+            _validate(raw.iloc[-1:], lines[-1:], path)
+        except UserError:
+            raw, lines, dropped = raw.iloc[:-1], lines[:-1], True
+    if dropped:
+        warnings.warn(f"{path}: ignoring its incomplete last line {last_line} (a run killed mid-write; "
+                      "resuming the run repairs the file)", RuntimeWarning, stacklevel=3)
+    df = _validate(raw.reset_index(drop=True), lines, path)
+    df["_file"] = str(path)
+    df["_line"] = lines
+    return df
+
+
+def _distinct(values) -> str:
+    return ", ".join(sorted(map(str, set(values))))[:160]
+
+
+def check_compatible(df: pd.DataFrame, merge: bool = False) -> None:
+    """Refuse records that would mix different runs into one number.
+
+    Records of one (model, attack, ε) must share the checkpoint, attack configuration, seed and mode
+    (:data:`RUN_FIELDS`), hold at most one row per example, and agree with every other record on each
+    example's fingerprint. ``merge=True`` accepts different runs of one model (each example then counts
+    as robust only if it is robust in all of them), never different images under one example id.
+    """
+    if df.empty:
+        return
+    files = lambda sub: _distinct(sub["_file"]) if "_file" in sub else "the records"
+    for col in ("example_sha",):
+        known = df[df[col] != ""]
+        n = known.groupby(["dataset", "example_id"])[col].nunique()
+        if bool((n > 1).any()):
+            dataset, example = n[n > 1].index[0]
+            sub = known[(known["dataset"] == dataset) & (known["example_id"] == example)]
+            raise UserError(f"{dataset} example {example} is a different image in {files(sub)}: these runs "
+                            "used different data and cannot be combined")
+    if merge:
+        return
+    eps = df["eps"].map(eps_key)
+    for key, sub in df.groupby([df["model"], df["attack"], eps], sort=False):
+        for col in RUN_FIELDS:
+            if sub[col].nunique() > 1:
+                raise UserError(
+                    f"records of {key[0]} / {key[1]} / ε={key[2]:.6g} come from different runs: {col} differs "
+                    f"({_distinct(sub[col])}) in {files(sub)}; report them separately, or pass --merge-runs "
+                    "to count an example as robust only if it is robust in every run")
+        dup = sub["example_id"].duplicated(keep=False)
+        if bool(dup.any()):
+            first = sub[dup].iloc[0]
+            where = (f" ({first['_file']} line {first['_line']})" if "_file" in sub else "")
+            raise UserError(f"{key[0]} / {key[1]} / ε={key[2]:.6g}: example {first['example_id']} has "
+                            f"conflicting records{where}; pass --merge-runs to take the worst case over them")
+
+
+def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
+    """Different checkpoints under one display name become ``name [sha256 prefix]`` (kept apart)."""
+    shas = df.groupby("model")["checkpoint_sha256"].nunique()
+    clash = set(shas[shas > 1].index)
+    if clash:
+        pick = df["model"].isin(clash)
+        df.loc[pick, "model"] = df.loc[pick, "model"] + " [" + df.loc[pick, "checkpoint_sha256"].str[:8] + "]"
+    return df
+
+
+def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge: bool = False) -> pd.DataFrame:
     """Read one or more record files (a directory means its ``records.csv``) into one frame.
 
-    A missing file is a :class:`UserError`; rows duplicated across files (same :data:`KEY`) keep the
-    first occurrence.
+    Never writes. Every file is validated (header, field types; the first problem names the file and
+    line); rows repeated exactly (the same file given twice) are kept once; different checkpoints with
+    the same display name are kept apart (``name [sha prefix]``); records that would mix different runs
+    are refused unless ``merge`` (see :func:`check_compatible`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    frames = []
+    frames, seen = [], set()
     for p in paths:
         p = Path(p).expanduser()
         if p.is_dir():
             p = p / FILENAME
-        if not p.is_file():
-            raise UserError(f"records file not found: {p}")
-        _repair_tail(p)
-        try:
-            df = pd.read_csv(p, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise UserError(f"{p} is not a robusteval records file ({str(exc).splitlines()[0]})") from None
-        missing = [c for c in COLUMNS if c not in df.columns]
-        if missing:
-            raise UserError(f"{p} is not a robusteval records file "
-                            f"(missing columns: {', '.join(missing[:5])})")
-        frames.append(coerce(df.replace("", None)[list(COLUMNS)]))
-    df = pd.concat(frames, ignore_index=True) if frames else empty()
-    df["_eps_key"] = df["eps"].map(eps_key)
-    df = df.drop_duplicates(subset=["model", "attack", "_eps_key", "example_id"], keep="first")
-    return df.drop(columns="_eps_key").reset_index(drop=True)
+        if p.resolve() in seen:
+            continue
+        seen.add(p.resolve())
+        frames.append(_read_one(p))
+    if not frames:
+        return empty()
+    df = pd.concat(frames, ignore_index=True)
+    df = df.drop_duplicates(subset=list(COLUMNS), keep="first")
+    df = _disambiguate(df)
+    check_compatible(df, merge=merge)
+    return df.drop(columns=["_file", "_line"]).reset_index(drop=True)
 
 
 def read_if_exists(path: str | os.PathLike) -> pd.DataFrame:

@@ -57,8 +57,9 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
 
     Output columns: the ``rows`` keys, ``n`` (examples per row), ``Nominal`` (clean accuracy), one column
     per value of ``columns`` in order of first appearance, and ``Worst case`` (only for
-    ``columns="attack"``). When the records hold several ε and ``eps`` is not among ``rows``/``columns``,
-    ``eps`` is added to the rows, so numbers at different radii are never averaged together.
+    ``columns="attack"``). ``eps`` is always shown: unless it is among ``rows``/``columns`` it is added to
+    the rows, so a table never hides its radius and numbers at different radii are never averaged
+    together; ``dataset`` is added the same way when the records hold several datasets.
     """
     rows = list(dict.fromkeys(rows))
     for col in [*rows, columns]:
@@ -68,8 +69,10 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
         raise UserError(f"{columns!r} cannot be both a row key and the column key")
     if df.empty:
         raise UserError("no records to summarise")
-    if df["eps"].nunique() > 1 and "eps" not in rows and columns != "eps":
+    if "eps" not in rows and columns != "eps":
         rows.append("eps")
+    if df["dataset"].nunique() > 1 and "dataset" not in rows and columns != "dataset":
+        rows.insert(rows.index("eps") if "eps" in rows else len(rows), "dataset")
     unit = list(dict.fromkeys([*rows, *UNIT]))
     groups = dict(sort=False, dropna=False)
     per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import attacks
-from robusteval import records
+from robusteval import checks, records
 from robusteval.data import Dataset, load_dataset
 from robusteval.errors import UserError
 from robusteval.models.checkpoints import LoadedModel, load_model
@@ -106,6 +106,9 @@ def build_attacks(names: Sequence, eps: float, **overrides) -> list[attacks.Atta
                 raise UserError(exc.args[0]) from None
             except ValueError as exc:
                 raise UserError(f"attack {item!r}: {exc}") from None
+        if atk.steps < 1:
+            raise UserError(f"attack {atk.name!r} has {atk.steps} steps: it would not attack at all and "
+                            "report clean accuracy as robust accuracy; use at least 1 step")
         if atk.goal != "misclassify":
             raise UserError(f"{atk.name!r} maximises an objective without a notion of success; "
                             "it cannot give robust accuracy (use `robusteval gamma` for local linearity)")
@@ -116,6 +119,22 @@ def build_attacks(names: Sequence, eps: float, **overrides) -> list[attacks.Atta
     if not built:
         raise UserError("no attack given")
     return built
+
+
+#: ε below one grey level of 8-bit images is almost always a units mistake.
+SMALLEST_EPS = 1 / 255
+
+
+def warn_small_eps(eps_list: Sequence[float]) -> None:
+    """Warn (one line each) about ε = 0 and ε below the data's quantisation step 1/255."""
+    for e in eps_list:
+        if e == 0:
+            warnings.warn("ε = 0: no attack can change an input, robust accuracy will equal clean accuracy",
+                          UserWarning, stacklevel=3)
+        elif e < SMALLEST_EPS * (1 - 1e-9):
+            warnings.warn(f"ε = {e:.6g} is below one grey level of 8-bit images (1/255 ≈ 0.00392); "
+                          f"if it came from --eps {e * 255:.4g}/255 with --eps-scale 255, drop --eps-scale "
+                          "(ε is already in [0, 1] pixel units)", UserWarning, stacklevel=3)
 
 
 def load_entries(models, arch: str | None = None, device: str = "cpu") -> list[ModelEntry]:
@@ -150,36 +169,50 @@ def _device_of(model: nn.Module, default: str) -> torch.device:
     return torch.device(default)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, name: str, what: str) -> torch.Tensor:
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids, name: str, what: str) -> torch.Tensor:
     with torch.no_grad():
         z = model(x)
-    if z.ndim != 2 or z.shape[0] != x.shape[0]:
-        raise UserError(f"model {name!r} returned shape {tuple(z.shape)}, not [batch, classes] logits")
-    if not torch.isfinite(z).all():
-        raise UserError(f"model {name!r} returned non-finite logits (NaN or inf) on {what}; "
-                        "the checkpoint is broken or does not fit this data")
+    checks.check_outputs(name, z, x, y, ids, what)
     return z
 
 
-def _clean_pass(entry: ModelEntry, ds: Dataset, batch_size: int, device) -> torch.Tensor:
+def fingerprints(ds: Dataset, batch_size: int = 512) -> list[str]:
+    """:func:`records.example_digest` of every example of ``ds`` (dataset order)."""
+    out = []
+    for x, y, _ in ds.batches(batch_size):
+        out += [records.example_digest(xi.numpy(), int(yi)) for xi, yi in zip(x, y, strict=True)]
+    return out
+
+
+def check_model(entry: ModelEntry, ds: Dataset, eps_list: Sequence[float], batch_size: int, device,
+                seed: int = 0) -> torch.Tensor:
+    """Check a model against the data before any attack; return its clean predictions (dataset order).
+
+    Input shape (when the checkpoint states it), logits of the right shape and number of classes, finite
+    logits on the clean inputs and at a random point of each clean-correct example's ball for every ε.
+    Every failure is a one-line :class:`UserError` naming the model (and the first bad example).
+    """
+    checks.check_input_shape(entry.name, entry.meta, ds.input_shape)
     preds = []
-    for x, _, _ in ds.batches(batch_size):
+    for x, y, ids in ds.batches(batch_size):
+        x, y = x.to(device), y.to(device)
         try:
-            z = _forward(entry.model, x.to(device), entry.name, "the clean inputs")
+            z = _forward(entry.model, x, y, ids, entry.name, "the clean inputs")
+            right = (z.argmax(1) == y).cpu()
+            for e in eps_list:
+                checks.probe_ball(entry.model, entry.name, x[right.to(x.device)], y[right.to(y.device)],
+                                  ids[right], e, seed)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # shape errors from inside the network: the model does not fit the data
             raise UserError(f"model {entry.name!r} cannot process {ds.name} images of shape "
                             f"{tuple(ds.input_shape)} ({str(exc).splitlines()[0][:160]})") from None
-        if z.shape[1] <= int(ds.labels.max()):
-            raise UserError(f"model {entry.name!r} has {z.shape[1]} outputs but {ds.name} has labels up to "
-                            f"{int(ds.labels.max())}")
         preds.append(z.argmax(1).cpu())
     return torch.cat(preds)
 
 
 def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, eps: float,
-           name: str = "model") -> torch.Tensor:
+           name: str = "model", ids=None) -> torch.Tensor:
     """Check adversarial points and return the model's logits on them (eval mode, separate forward).
 
     Raises :class:`VerificationError` if any point is non-finite, outside [0, 1] or farther than
@@ -197,7 +230,9 @@ def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, eps: float,
             f"({int(bad.sum())} of {len(x)} points bad)")
     if any(m.training for m in model.modules()):
         raise VerificationError("the model must be in eval mode for verification")
-    return _forward(model, x_adv, name, "the adversarial points")
+    labels = torch.zeros(len(x_adv), dtype=torch.long)
+    return _forward(model, x_adv, labels, ids if ids is not None else torch.arange(len(x_adv)), name,
+                    "the adversarial points")
 
 
 class _Progress:
@@ -206,20 +241,20 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled:
-            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(
+            from robusteval import progress
+
+            self.bar = progress.make(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("robust {task.fields[robust]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                TimeRemainingColumn(),
             )  # fmt: skip
 
     def __enter__(self):
@@ -242,8 +277,8 @@ class _Progress:
 
 
 def _check_consistent(done: pd.DataFrame, entry: ModelEntry, atk: attacks.Attack, seed: int, mode: str,
-                      dataset: str, path: Path) -> None:
-    """Refuse to resume into records made with a different checkpoint, configuration, seed or mode."""
+                      dataset: str, digests: dict[int, str], path: Path) -> None:
+    """Refuse to resume into records made with a different checkpoint, configuration, seed, mode or data."""
     expect = {"checkpoint_sha256": entry.sha256, "attack_config": atk.config(), "seed": seed, "mode": mode,
               "dataset": dataset}
     for col, value in expect.items():
@@ -251,8 +286,15 @@ def _check_consistent(done: pd.DataFrame, entry: ModelEntry, atk: attacks.Attack
         if found != {value}:
             raise UserError(
                 f"{path} already has {entry.name} / {atk.name} / ε={atk.eps:.6g} records with a different "
-                f"{col.replace('_', ' ')} ({', '.join(sorted(map(str, found)))[:80]}); use a fresh --out to "
-                "evaluate a changed setup, or the same options to resume")
+                f"{col.replace('_', ' ')} ({', '.join(sorted(map(str, found)))[:80]}); use a fresh output "
+                "directory to evaluate a changed setup, or the same options to resume")
+    differ = done[[digests.get(int(i)) != sha for i, sha in zip(done["example_id"], done["example_sha"],
+                                                                  strict=True)]]
+    if len(differ):
+        raise UserError(
+            f"{path} already has {entry.name} / {atk.name} / ε={atk.eps:.6g} records made on different data "
+            f"(example {int(differ['example_id'].iloc[0])} is a different image or label now); use a fresh "
+            "output directory for this dataset")
 
 
 def evaluate(
@@ -293,10 +335,18 @@ def evaluate(
     eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
     if not eps_list or any(not math.isfinite(e) or e < 0 or e > 1 for e in eps_list):
         raise UserError(f"ε must be in [0, 1] pixel units, got {eps_list}")
+    unique: dict[float, float] = {}
+    for e in eps_list:  # a radius given twice runs once
+        unique.setdefault(records.eps_key(e), e)
+    eps_list = list(unique.values())
+    warn_small_eps(eps_list)
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
     overrides = dict(steps=steps, restarts=restarts, step_size=step_size, relative_step=relative_step)
     build_attacks(attack_names, eps_list[0], **overrides)  # fail fast on a bad name before loading
+    path = Path(out) / records.FILENAME if out is not None else None
+    if path is not None:
+        records.check_appendable(path)  # an unwritable output fails before any work
     device = resolve_device(device)
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, data_dir=data_dir, download=download, n=n)
@@ -308,21 +358,26 @@ def evaluate(
         raise UserError("the dataset is empty")
     entries = load_entries(models, arch, device)
     mode = "no-skip" if no_skip else "skip"
-    path = Path(out) / records.FILENAME if out is not None else None
     existing = records.read_if_exists(path) if path is not None else records.empty()
     existing["_key"] = list(zip(existing["model"], existing["attack"], existing["eps"].map(records.eps_key),
                                 existing["example_id"], strict=True))
+    digests = fingerprints(dataset)
+    clean = {}
+    for entry in entries:  # every model is checked against the data before any attack runs
+        with eval_mode(entry.model):
+            clean[entry.name] = check_model(entry, dataset, eps_list, batch_size,
+                                            _device_of(entry.model, device), seed)
     collected: list[dict] = []
 
     with _Progress(progress) as bar:
         for entry in entries:
             dev = _device_of(entry.model, device)
             with eval_mode(entry.model):
-                clean_pred = _clean_pass(entry, dataset, batch_size, dev)
+                clean_pred = clean[entry.name]
                 for e in eps_list:
                     alive = clean_pred == dataset.labels.long()  # survivors of the battery so far
                     for atk in build_attacks(attack_names, e, **overrides):
-                        job = _Job(entry, atk, dataset, clean_pred, seed, mode, path, bar)
+                        job = _Job(entry, atk, dataset, clean_pred, digests, seed, mode, path, bar)
                         robust = job.run(existing, alive if not no_skip else None, batch_size, dev)
                         collected.extend(job.rows)
                         alive &= robust
@@ -342,9 +397,10 @@ class _Job:
     """One (model, attack, ε) over the dataset: resume, passive records, attacked batches, progress."""
 
     def __init__(self, entry: ModelEntry, atk: attacks.Attack, ds: Dataset, clean_pred: torch.Tensor,
-                 seed: int, mode: str, path: Path | None, bar: _Progress):
+                 digests: list[str], seed: int, mode: str, path: Path | None, bar: _Progress):
         self.entry, self.atk, self.ds, self.seed, self.mode, self.path, self.bar = \
             entry, atk, ds, seed, mode, path, bar
+        self.digests = digests
         self.clean_pred, self.labels, self.ids = clean_pred, ds.labels.long(), ds.ids.long()
         self.rows: list[dict] = []  # resumed and new records of this job
         self.robust: dict[int, bool] = {}  # example id -> robust
@@ -356,7 +412,7 @@ class _Job:
         return {
             "model": e.name, "checkpoint_sha256": e.sha256, "train_method": e.train_method,
             "train_steps": e.train_steps, "dataset": self.ds.name, "example_id": int(self.ids[k]),
-            "label": int(self.labels[k]), "attack": a.name, "attack_config": a.config(), "eps": a.eps,
+            "label": int(self.labels[k]), "example_sha": self.digests[k], "attack": a.name, "attack_config": a.config(), "eps": a.eps,
             "seed": self.seed, "mode": self.mode, "clean_pred": int(self.clean_pred[k]),
             "clean_correct": bool(self.clean_pred[k] == self.labels[k]),
         }  # fmt: skip
@@ -383,7 +439,9 @@ class _Job:
             done = existing[[k[:3] == prefix for k in existing["_key"]]]
             done = done[done["example_id"].isin(set(self.ids.tolist()))]
             if len(done):
-                _check_consistent(done, self.entry, self.atk, self.seed, self.mode, self.ds.name, self.path)
+                by_id = dict(zip(self.ids.tolist(), self.digests, strict=True))
+                _check_consistent(done, self.entry, self.atk, self.seed, self.mode, self.ds.name, by_id,
+                                  self.path)
                 self.emit(done.drop(columns="_key").to_dict("records"), write=False)
         passive, active = [], []
         for k in range(len(self.ds)):
@@ -420,8 +478,13 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
     y = ds.labels[index].long().to(device)
     ids = ds.ids[index].long()
     t0 = time.perf_counter()
-    res = attacks.run(atk, entry.model, x, y, ids=ids, seed=seed, on_run=on_run)
-    z = verify(entry.model, res.x_adv, x, atk.eps, entry.name)
+    try:
+        res = attacks.run(atk, entry.model, x, y, ids=ids, seed=seed, on_run=on_run)
+    except attacks.NonFiniteLogits as exc:
+        raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the ε = {atk.eps:.6g} "
+                        f"ball of example {int(exc.example_ids[0])} (found by {atk.name}); it cannot be "
+                        "evaluated: a NaN is never a robust verdict") from None
+    z = verify(entry.model, res.x_adv, x, atk.eps, entry.name, ids)
     seconds = (time.perf_counter() - t0) / len(chunk)
     true = z.gather(1, y[:, None])[:, 0]
     cols = {  # one device-to-host copy per column, not one per example

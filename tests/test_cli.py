@@ -119,7 +119,7 @@ def test_report_formats_and_group_bys(tiny_ckpt, tiny_npz, tmp_path):
     out = tmp_path / "run"
     assert _invoke(_attack_args(tiny_ckpt, tiny_npz, out, "--no-skip")).exit_code == 0
     md = _invoke(["report", str(out / "records.csv"), "--format", "markdown", "--rows", "model,train_steps"])
-    header = "| Model | PGD steps | n | Nominal | Untargeted | Multi-Targeted | Worst case |"
+    header = "| Model | PGD steps | ε | n | Nominal | Untargeted | Multi-Targeted | Worst case |"
     assert md.exit_code == 0 and header in md.stdout
     assert "--no-skip" in md.stdout  # the note says how the per-attack columns were computed
     latex = _invoke(["report", str(out), "--format", "latex", "--title", "F4"])

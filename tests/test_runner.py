@@ -57,7 +57,7 @@ def test_worst_case_is_per_example_all():
     got = (row["Nominal"], row["Untargeted"], row["Multi-Targeted"], row["Worst case"])
     assert got == (1.0, 0.5, 0.5, 0.25)
     md = reports.render(table, "markdown")
-    assert "| m | 4 | 100.00% | 50.00% | 50.00% | 25.00% |" in md
+    assert "| m | 0.1 | 4 | 100.00% | 50.00% | 50.00% | 25.00% |" in md
     assert r"25.00\%" in reports.render(table, "latex")
 
 
@@ -72,7 +72,7 @@ def test_incomplete_attack_column_is_not_reported_as_a_number():
     row = table.iloc[0]
     assert row["Untargeted"] == 0.75
     assert pd.isna(row["Multi-Targeted"]) and pd.isna(row["Worst case"])
-    assert "| m | 4 | 100.00% | 75.00% | – | – |" in reports.render(table, "markdown")
+    assert "| m | 0.1 | 4 | 100.00% | 75.00% | – | – |" in reports.render(table, "markdown")
 
 
 def test_model_is_unchanged(tiny_ckpt, data):
@@ -179,12 +179,14 @@ def test_results_do_not_depend_on_batch_size(tiny_ckpt, data):
 
 
 def test_records_file_survives_a_torn_write(tmp_path):
-    row = {c: 1 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": 0.1, "robust": True}
+    row = {c: 1 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": 0.1, "robust": True,
+                                              "status": "attacked", "mode": "skip"}
     path = tmp_path / records.FILENAME
     records.append(path, [row | {"example_id": 0}, row | {"example_id": 1}])
     with open(path, "a") as f:
         f.write("m,abc,partial")  # a process killed mid-line
-    df = records.read(path)
+    with pytest.warns(RuntimeWarning, match="incomplete last line"):
+        df = records.read(path)
     assert df["example_id"].tolist() == [0, 1] and df["robust"].all()
     records.append(path, [row | {"example_id": 2}])
     assert records.read(path)["example_id"].tolist() == [0, 1, 2]

@@ -48,7 +48,10 @@ def test_llr_regulariser_is_exactly_zero_at_eps_zero():
     reference = small()
     nominal = F.cross_entropy(reference(x), y)
     assert out.parts["g"] == 0.0 and out.parts["lin"] == 0.0
-    assert torch.equal(out.loss, cfg.nominal_weight * nominal)
+    # The LLR loss normalises with the captured batch statistics, the reference with BatchNorm's own
+    # kernel: the same values reduced in a different order, so they agree to float32 rounding (a few ulp
+    # of a loss ~5, ulp 4.8e-7), not bit for bit. A non-zero regulariser would add orders more.
+    torch.testing.assert_close(out.loss, cfg.nominal_weight * nominal, rtol=1e-6, atol=0)
 
 
 class AffineLossModel(nn.Module):
