@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import struct
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -483,8 +484,8 @@ def load_npz(path: str | os.PathLike, n: int | None = None, offset: int = 0) -> 
             arrays = {k: archive[k] for k in archive.files}
     except ValueError as exc:  # object arrays need pickle, which is never allowed
         raise UserError(f"{path}: not an .npz of plain arrays ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise UserError(f"{path} is not a readable .npz file (truncated or damaged? {exc})") from None
     xk = next((k for k in ("x", "images") if k in arrays), None)
     yk = next((k for k in ("y", "labels") if k in arrays), None)
     if xk is None or yk is None:
@@ -515,7 +516,10 @@ def load_npz(path: str | os.PathLike, n: int | None = None, offset: int = 0) -> 
             raise UserError(f"{path}: integer images must be in 0..255, found {x.min()}..{x.max()}")
         scale = 255.0
     elif np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))[0])
+            raise UserError(f"{path}: images contain NaN or infinite pixels (first in image {bad})")
+        if x.min() < 0 or x.max() > 1:
             raise UserError(
                 f"{path}: float images must be in [0, 1] (uint8 images are scaled by 1/255), "
                 f"found {np.nanmin(x):g}..{np.nanmax(x):g}"

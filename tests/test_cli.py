@@ -103,7 +103,7 @@ def test_interrupted_attack_resumes_to_the_same_table(tiny_ckpt, tiny_npz, tmp_p
 
     monkeypatch.setattr(runner.attacks, "run", killed)
     cut = _invoke(_attack_args(tiny_ckpt, tiny_npz, tmp_path / "cut"))
-    assert cut.exit_code == 130 and "rerun resumes" in cut.stderr
+    assert cut.exit_code == 130 and "rerun the same command (same --out) to resume" in cut.stderr
     assert 0 < len(records.read(tmp_path / "cut")) < 48
     monkeypatch.setattr(runner.attacks, "run", real)
     again = _invoke(_attack_args(tiny_ckpt, tiny_npz, tmp_path / "cut"))

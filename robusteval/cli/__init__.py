@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -19,19 +20,41 @@ from robusteval.errors import UserError
 _COMMAND_MODULES = ("attack", "report", "models", "train", "gamma", "figures", "demo")
 
 
+#: What Ctrl-C leaves behind, per command (``train`` prints its own message).
+_INTERRUPTED = {
+    "attack": "interrupted; the records written so far are kept: rerun the same command (same --out) to resume",
+    "demo": "interrupted; the records written so far are kept: rerun with the same --out to resume",
+    "train": None,
+}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings for a person: ``warning: ...`` on one line, no source location."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 class _Group(click.Group):
-    """A click group that turns library-level :class:`UserError` into one clean line."""
+    """A click group that turns library-level :class:`UserError` (and OS errors) into one clean line."""
 
     def invoke(self, ctx):
+        shown, warnings.showwarning = warnings.showwarning, _one_line_warning
         try:
             return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename or exc}") from None
+        except OSError as exc:  # permissions, a file where a directory is expected, a full disk, ...
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
         except KeyboardInterrupt:
-            click.echo("interrupted; partial results are kept and a rerun resumes", err=True)
+            name = ctx.invoked_subcommand
+            message = _INTERRUPTED.get(name, "interrupted")
+            if message:
+                click.echo(message, err=True)
             sys.exit(130)
+        finally:
+            warnings.showwarning = shown
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,11 +73,7 @@ def cli():
 
 
 for _name in _COMMAND_MODULES:
-    try:
-        importlib.import_module(f"robusteval.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"robusteval.cli.{_name}":
-            raise
+    importlib.import_module(f"robusteval.cli.{_name}")
 
 
 def main() -> None:

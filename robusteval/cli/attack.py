@@ -44,10 +44,15 @@ def load_data(name: str, data_dir, n: int, n_given: bool, download: bool = False
     return ds.subset(slice(0, n))
 
 
-def show_results(df, out: Path, rows=("model",), title: str | None = None) -> None:
-    """Print the summary table of ``df`` and save ``summary.csv``/``summary.md`` next to the records."""
-    from robusteval import reports
+def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
+    """Print the summary table of every record in ``out`` and save ``summary.csv``/``summary.md`` there.
 
+    The table covers the whole directory (earlier invocations resumed into it included), so the summary
+    never shows only the last invocation's ε or models.
+    """
+    from robusteval import records, reports
+
+    df = records.read(out / records.FILENAME)
     table = reports.summarize(df, rows=rows)
     note = reports.mode_note(df)
     reports.print_table(table, title=title, note=note)
@@ -104,8 +109,8 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
     """
     from robusteval import runner
 
-    if steps is not None and steps < 0 or restarts is not None and restarts < 1:
-        raise UserError("--steps must be ≥ 0 and --restarts ≥ 1")
+    if steps is not None and steps < 1 or restarts is not None and restarts < 1:
+        raise UserError("--steps and --restarts must be ≥ 1 (0 steps would not attack at all)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     eps_values = [parse_eps(t, eps_scale) for t in eps_texts]
@@ -129,7 +134,7 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
         eps_values = [parse_eps(text)]
     out = Path(out) if out else default_out("attack")
     click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
-    df = runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
-                         seed=seed, out=out, no_skip=no_skip, progress=not quiet, **overrides)
+    runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
+                    seed=seed, out=out, no_skip=no_skip, progress=not quiet, **overrides)
     title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
-    show_results(df, out, title=title)
+    show_results(out, title=title)

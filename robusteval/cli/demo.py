@@ -58,8 +58,8 @@ def demo_command(n, restarts, steps, batch_size, device, seed, skip, out, quiet)
     if not names:
         raise UserError("the bundled zoo has no Fashion-MNIST models yet (robusteval/zoo/fmnist-*.pt); "
                         "train them as described in robusteval/zoo/README.md, or use `robusteval attack`")
-    if n < 1 or restarts < 1 or steps < 0:
-        raise UserError("--n and --restarts must be ≥ 1 and --steps ≥ 0")
+    if n < 1 or restarts < 1 or steps < 1:
+        raise UserError("--n, --restarts and --steps must be ≥ 1")
     device = resolve_device(device)
     entries = runner.load_entries([f"zoo:{z}" for z in names], device=device)
     ds = load_data("fashion-mnist", None, n, n_given=True)
@@ -67,7 +67,7 @@ def demo_command(n, restarts, steps, batch_size, device, seed, skip, out, quiet)
                f"{' + '.join(DEMO_ATTACKS)} with {restarts} restarts × {steps} steps "
                f"(paper: 20 restarts × 200 steps on all 10,000); {len(entries)} models: {', '.join(names)}")
     out = Path(out) if out else default_out("demo")
-    df = runner.evaluate(entries, DEMO_ATTACKS, DEMO_EPS, ds, batch_size=batch_size, device=device, seed=seed,
-                         out=out, no_skip=not skip, progress=not quiet, steps=steps, restarts=restarts)
-    show_results(df, out, rows=("model", "train_steps"),
+    runner.evaluate(entries, DEMO_ATTACKS, DEMO_EPS, ds, batch_size=batch_size, device=device, seed=seed,
+                    out=out, no_skip=not skip, progress=not quiet, steps=steps, restarts=restarts)
+    show_results(out, rows=("model", "train_steps"),
                  title=f"Fashion-MNIST, ε = {DEMO_EPS} (Table F4 layout; reduced budget, see above)")

@@ -20,13 +20,21 @@ def _split(values) -> list[str]:
 @click.option("--columns", default="attack", show_default=True,
               help="Record column for the columns (attack: per-attack columns plus the worst case).")
 @click.option("--title", default=None, help="Table title / LaTeX caption.")
-def report_command(record_files, fmt, rows, columns, title):
+@click.option("--merge-runs", is_flag=True,
+              help="Combine records of one model from different runs (other seed, budget or mode): an example "
+                   "counts as robust only if it is robust in every run. Without it such files are refused.")
+def report_command(record_files, fmt, rows, columns, title, merge_runs):
     """Summarise records.csv files (or run directories) into a robust-accuracy table.
 
     Every number is a group-by of the per-example records: Nominal = clean accuracy, one column per
     attack, and Worst case = robust against every attack (robust.all() per example). Several files
     are combined (e.g. runs of different models), so the F3 table (regularizer variants) and the F4
     table (methods with their PGD steps) of the LLR paper are both one command.
+
+    The files are only read, never changed. Different checkpoints with the same name stay separate
+    rows (name [sha256 prefix]); records of one model, attack and ε from different runs (checkpoint,
+    attack configuration, seed or mode differ) or on different images are refused with a message that
+    says what differs, unless --merge-runs.
 
     \b
     Examples:
@@ -37,7 +45,7 @@ def report_command(record_files, fmt, rows, columns, title):
     """
     from robusteval import records, reports
 
-    df = records.read(list(record_files))
+    df = records.read(list(record_files), merge=merge_runs)
     table = reports.summarize(df, rows=_split(rows), columns=columns)
     note = reports.mode_note(df) if columns == "attack" else None
     if fmt == "table":

@@ -17,7 +17,10 @@ never leaves a truncated checkpoint behind.
   never anything else — a pickle that needs code execution to load is refused, not run;
 * a ``torch.export`` program (``.pt2``), which needs no Python class — after checking that the archive
   holds nothing ``torch.export.load`` would unpickle unrestricted or run (:func:`_check_export_archive`);
-* a TorchScript archive (``torch.jit.load``; its code is TorchScript, not Python).
+* a TorchScript archive (``torch.jit.load``; its code is TorchScript, not Python);
+* a ``safetensors`` file (the optional ``safetensors`` package): our metadata in its header, or a bare
+  state_dict that needs ``arch``. :func:`save_checkpoint` writes one for a path ending in
+  ``.safetensors`` (weights and JSON metadata; no trainer resume state).
 """
 
 from __future__ import annotations
@@ -173,6 +176,14 @@ def save_checkpoint(
     path = Path(path)
     model = _unwrap(model)
     norm = find_normalize(model)
+    if path.suffix == ".safetensors":
+        meta = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
+                "arch_kwargs": _plain(dict(arch_kwargs or {}), "arch_kwargs"), "dataset": dataset,
+                "normalization": norm.as_dict() if norm is not None else None,
+                "training": _plain(training or {}, "training"), "metrics": _plain(metrics or {}, "metrics"),
+                "extra": _plain(extra or {}, "extra"),
+                "versions": {"robusteval": __version__, "torch": str(torch.__version__)}}
+        return _save_safetensors(path, model.state_dict(), meta)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -186,11 +197,16 @@ def save_checkpoint(
         "versions": {"robusteval": __version__, "torch": str(torch.__version__)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Write ``path`` through a temp file in the same directory and ``os.replace`` (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -201,6 +217,30 @@ def save_checkpoint(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_SAFETENSORS_MISSING = ("safetensors files need the optional 'safetensors' package: "
+                        "pip install 'robusteval[safetensors]'")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError(_SAFETENSORS_MISSING) from None
+    return safetensors.torch
+
+
+def _save_safetensors(path: Path, state: dict, meta: dict) -> Path:
+    st = _safetensors()
+    try:
+        header = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError):
+        raise TypeError("a safetensors checkpoint holds weights and JSON metadata only (no tensors in "
+                        "training/metrics/extra, e.g. trainer resume state): save it as .pt") from None
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    blob = st.save(tensors, metadata={"robusteval": header})
+    return _atomic_write(path, lambda f: f.write(blob))
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -220,8 +260,20 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str | None]:
     return path, None
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header size, then that many bytes of JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8
+
+
 def _sniff(path: Path) -> str:
-    """Which loader fits: 'export', 'torchscript', 'pickle' or 'unknown', judged from the bytes."""
+    """Which loader fits: 'export', 'torchscript', 'pickle', 'safetensors' or 'unknown', from the bytes."""
+    if _is_safetensors(path):
+        return "safetensors"
     if zipfile.is_zipfile(path):
         try:
             names = zipfile.ZipFile(path).namelist()
@@ -283,7 +335,30 @@ def _check_export_archive(path: Path) -> None:
                     refuse(f"its {member} is not weights-only loadable")
 
 
-_NOT_A_MODEL = "is not a robusteval checkpoint, state_dict, torch.export program (.pt2) or TorchScript file"
+_NOT_A_MODEL = ("is not a robusteval checkpoint, state_dict, safetensors, torch.export program (.pt2) or "
+                "TorchScript file")
+
+
+def _load_safetensors(path: Path):
+    """Our checkpoint dict (metadata in the header) or a bare state_dict; the format runs no code."""
+    st = _safetensors()
+    try:
+        state = st.load_file(str(path), device="cpu")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 — a damaged file fails in the Rust reader with various types
+        raise UserError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    if "robusteval" not in header:
+        return state
+    try:
+        meta = json.loads(header["robusteval"])
+    except ValueError:
+        raise UserError(f"{path}: its robusteval metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its robusteval metadata is not a JSON object")
+    return {**meta, "state_dict": state}
 
 
 def _torch_load(path: Path):
@@ -397,9 +472,12 @@ def load_model(
         meta.update(arch=None)
         return LoadedModel(model.eval(), meta, digest, "torchscript", path)
 
-    if kind != "pickle":
+    if kind == "safetensors":
+        obj = _load_safetensors(path)
+    elif kind != "pickle":
         raise UserError(f"{path} {_NOT_A_MODEL}")
-    obj = _torch_load(path)
+    else:
+        obj = _torch_load(path)
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         version = obj.get("format_version")
@@ -430,10 +508,17 @@ def load_model(
         source = "state_dict"
     norm = find_normalize(model)
     meta["normalization"] = norm.as_dict() if norm is not None else None
+    if norm_source != "checkpoint":
+        shown = {k: [round(float(v), 4) for v in vals] for k, vals in (meta["normalization"] or {}).items()}
+        warnings.warn(f"{path} has no normalisation layer; assuming {arch or meta.get('arch')}'s default input "
+                      f"normalisation {shown or 'none'} — if the model was trained with another, its numbers "
+                      "will be wrong", UserWarning, stacklevel=2)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    size = tuple(spec.input_size)
     meta.update(
         normalization_source=norm_source,
-        input_size=spec.input_size,
+        input_size=(convs[0].in_channels, *size[1:]) if convs else size,
         num_classes=linears[-1].out_features if linears else spec.num_classes,
     )
     return LoadedModel(model.to(device).eval(), meta, digest, source, path)
