@@ -25,8 +25,8 @@ def check_input_shape(name: str, meta: dict, input_shape) -> None:
     want = meta.get("input_size")
     have = tuple(int(s) for s in input_shape)
     if want and tuple(int(s) for s in want) != have:
-        raise UserError(f"model {name!r} takes images of shape {tuple(want)} but the data's images are {have}; "
-                        "pick the matching dataset")
+        raise UserError(f"model {name!r} takes images of shape {tuple(want)} but the data's images are "
+                        f"{have}; pick the matching dataset")
 
 
 def check_outputs(name: str, z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, ids, what: str) -> None:

@@ -92,7 +92,7 @@ class PlainProgress:
                 parts.append(f"ETA {_clock(elapsed * (t.total - t.completed) / t.completed)}")
         else:
             parts.append(f"{t.completed:g}")
-        parts += [f"{k} {v}" for k, v in t.fields.items() if v not in ("", None)]
+        parts += [str(v) if k == "info" else f"{k} {v}" for k, v in t.fields.items() if v not in ("", None)]
         parts.append(f"elapsed {_clock(elapsed)}")
         print("  ".join(parts), file=self.stream, flush=True)
 

@@ -176,7 +176,7 @@ def empty() -> pd.DataFrame:
 
 
 def coerce(df: pd.DataFrame) -> pd.DataFrame:
-    """Give a records frame the schema's dtypes (for frames built in memory; files go through :func:`read`)."""
+    """Give a records frame the schema's dtypes (frames built in memory; files go through :func:`read`)."""
     df = df.copy()
     for c in STRINGS:
         df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
@@ -311,9 +311,9 @@ def check_compatible(df: pd.DataFrame, merge: bool = False) -> None:
         for col in RUN_FIELDS:
             if sub[col].nunique() > 1:
                 raise UserError(
-                    f"records of {key[0]} / {key[1]} / ε={key[2]:.6g} come from different runs: {col} differs "
-                    f"({_distinct(sub[col])}) in {files(sub)}; report them separately, or pass --merge-runs "
-                    "to count an example as robust only if it is robust in every run")
+                    f"records of {key[0]} / {key[1]} / ε={key[2]:.6g} come from different runs: {col} "
+                    f"differs ({_distinct(sub[col])}) in {files(sub)}; report them separately, or pass "
+                    "--merge-runs to count an example as robust only if it is robust in every run")
         dup = sub["example_id"].duplicated(keep=False)
         if bool(dup.any()):
             first = sub[dup].iloc[0]

@@ -412,7 +412,8 @@ class _Job:
         return {
             "model": e.name, "checkpoint_sha256": e.sha256, "train_method": e.train_method,
             "train_steps": e.train_steps, "dataset": self.ds.name, "example_id": int(self.ids[k]),
-            "label": int(self.labels[k]), "example_sha": self.digests[k], "attack": a.name, "attack_config": a.config(), "eps": a.eps,
+            "label": int(self.labels[k]), "example_sha": self.digests[k], "attack": a.name,
+            "attack_config": a.config(), "eps": a.eps,
             "seed": self.seed, "mode": self.mode, "clean_pred": int(self.clean_pred[k]),
             "clean_correct": bool(self.clean_pred[k] == self.labels[k]),
         }  # fmt: skip
@@ -481,9 +482,9 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
     try:
         res = attacks.run(atk, entry.model, x, y, ids=ids, seed=seed, on_run=on_run)
     except attacks.NonFiniteLogits as exc:
-        raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the ε = {atk.eps:.6g} "
-                        f"ball of example {int(exc.example_ids[0])} (found by {atk.name}); it cannot be "
-                        "evaluated: a NaN is never a robust verdict") from None
+        raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the "
+                        f"ε = {atk.eps:.6g} ball of example {int(exc.example_ids[0])} (found by {atk.name}); "
+                        "it cannot be evaluated: a NaN is never a robust verdict") from None
     z = verify(entry.model, res.x_adv, x, atk.eps, entry.name, ids)
     seconds = (time.perf_counter() - t0) / len(chunk)
     true = z.gather(1, y[:, None])[:, 0]

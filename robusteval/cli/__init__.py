@@ -22,7 +22,8 @@ _COMMAND_MODULES = ("attack", "report", "models", "train", "gamma", "figures", "
 
 #: What Ctrl-C leaves behind, per command (``train`` prints its own message).
 _INTERRUPTED = {
-    "attack": "interrupted; the records written so far are kept: rerun the same command (same --out) to resume",
+    "attack": "interrupted; the records written so far are kept: "
+              "rerun the same command (same --out) to resume",
     "demo": "interrupted; the records written so far are kept: rerun with the same --out to resume",
     "train": None,
 }

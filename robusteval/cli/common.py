@@ -6,8 +6,6 @@ import math
 import re
 from fractions import Fraction
 
-import click
-
 from robusteval.errors import UserError
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
@@ -86,6 +84,19 @@ def resolve_device(name: str) -> str:
     raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
 
 
-def fail(message: str) -> None:
-    """Raise the one-line CLI error for ``message``."""
-    raise click.ClickException(message)
+def output_dir(path):
+    """Create the output directory ``path`` (or accept an existing one) and check it is writable, before
+    any long work starts; every problem is a one-line :class:`UserError`."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"output directory {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {path} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output directory {path} (permission denied)")
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.common import resolve_device
+from robusteval.cli.common import output_dir, resolve_device
 from robusteval.cli.gamma import check_fits, dataset_name, load, model_options, progress, resolve_eps
 from robusteval.errors import UserError
 
@@ -50,7 +50,7 @@ def _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch):
     lm = load(model, arch, device)
     full, one = _example(dataset_name(lm, dataset), data_dir, index)
     radius = resolve_eps(eps, eps_scale, full.name)
-    check_fits(lm, one, device)
+    check_fits(lm, one, device, radius)
     return lm, full, one, radius, device
 
 
@@ -107,6 +107,7 @@ def surface_command(model, index, eps, attack_name, steps, restarts, out, eps_sc
 
     if grid % 2 == 0:
         raise UserError(f"--grid must be odd so that x itself is the centre of the grid, got {grid}")
+    output_dir(out)
     lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch)
     if radius <= 0:
         raise UserError("--eps must be positive for a loss surface")
@@ -115,9 +116,7 @@ def surface_command(model, index, eps, attack_name, steps, restarts, out, eps_sc
     res = _run(atk, lm.model, x, y, one.ids, seed)
     surf = loss_surface(lm.model, x[0], y[0], res.x_adv[0] - x[0], rand_direction=seed, eps=radius,
                         grid=grid, extent=extent)
-    out = Path(out)
-    stem = out / f"surface_{_slug(lm.name)}_{index}"
-    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(out) / f"surface_{_slug(lm.name)}_{index}"
     surf.to_frame().to_csv(stem.with_suffix(".csv"), index=False)
     label = full.classes[int(y)] if int(y) < len(full.classes) else str(int(y))
     surface_figure(surf, stem.with_suffix(".png"),
@@ -144,6 +143,7 @@ def show_command(model, index, eps, attack_name, steps, restarts, out, eps_scale
     """
     from robusteval.figures import perturbation_figure
 
+    output_dir(out)
     lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch)
     x, y = one.images.to(device), one.labels.to(device)
     atk = _attack(attack_name, radius, steps, restarts)

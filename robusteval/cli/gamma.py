@@ -5,12 +5,10 @@ Also holds the helpers the figure commands share (loading a model and its datase
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
+from robusteval.cli.common import output_dir, parse_eps, parse_step_size, resolve_device
 from robusteval.errors import UserError
 
 #: ε used when ``--eps`` is not given: the usual radius for each dataset (LLR paper: 8/255 CIFAR-10,
@@ -27,11 +25,13 @@ def console(stderr: bool = False):
 
 
 def progress():
-    """A rich progress bar on stderr (data stays clean on stdout); vanishes when done."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """A rich progress bar on stderr (data stays clean on stdout), gone when done; plain lines in a log."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from robusteval.progress import make
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=console(stderr=True), transient=True)
+    return make(*columns, console=console(stderr=True), transient=True)
 
 
 def load(spec: str, arch: str | None, device: str):
@@ -53,23 +53,15 @@ def resolve_eps(eps: str | None, scale: float, dataset: str) -> float:
     return parse_eps(eps, scale)
 
 
-def check_fits(loaded, ds, device: str) -> None:
-    """One forward on one example, so a model/dataset mismatch is a clear error, not a traceback."""
-    import torch
+def check_fits(loaded, ds, device: str, eps: float = 0.0, seed: int = 0, batch_size: int = 256) -> None:
+    """The checks of ``robusteval attack`` (:func:`robusteval.runner.check_model`): input shape, logits
+    and classes, finite logits on the data and at a random point of each ε-ball — a clear error, never a
+    traceback or a number computed from NaN."""
+    from robusteval.runner import ModelEntry, check_model, eval_mode
 
-    want, have = loaded.meta.get("input_size"), tuple(ds.input_shape)
-    if want and tuple(want) != have:
-        raise UserError(f"model {loaded.name} takes images of shape {tuple(want)} but {ds.name} images are "
-                        f"{have}; pick the matching --dataset")
-    try:
-        with torch.no_grad():
-            z = loaded.model(ds.images[:1].to(device))
-    except RuntimeError as exc:
-        raise UserError(f"model {loaded.name} cannot process {ds.name} images of shape {have} "
-                        f"({str(exc).splitlines()[0]})") from None
-    if z.ndim != 2 or int(ds.labels.max()) >= z.shape[1]:
-        raise UserError(f"model {loaded.name} outputs {tuple(z.shape[1:])} logits but {ds.name} has "
-                        f"labels up to {int(ds.labels.max())}")
+    entry = ModelEntry(loaded.name, loaded.model, loaded.sha256, loaded.meta)
+    with eval_mode(loaded.model):
+        check_model(entry, ds, [eps], batch_size, device, seed)
 
 
 def load_data(name: str, data_dir, n: int | None):
@@ -106,7 +98,7 @@ def model_options(f):
 
 
 @cli.command("gamma")
-@click.option("--model", "models", multiple=True, required=True,
+@click.option("--model", "-m", "models", multiple=True, required=True,
               help="Checkpoint path or zoo:NAME; repeat to compare models.")
 @click.option("--eps", default=None, help="Radius ε: 8/255, 0.031 (default: per dataset).")
 @model_options
@@ -144,6 +136,7 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
     import pandas as pd
     import torch
 
+    import attacks
     from robusteval.figures import gamma_histogram
     from robusteval.linearity import gamma, gamma_summary
 
@@ -151,6 +144,7 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
     step = parse_step_size(step_size)
     if eps is not None:
         parse_eps(eps, eps_scale)  # a bad ε fails before any model loads
+    out = output_dir(out)
     loaded = [load(spec, arch, device) for spec in models]
     names = unique_names([m.name for m in loaded], list(models))
     rows, data, jobs = [], {}, []
@@ -160,8 +154,9 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
         if dname not in data:
             data[dname] = load_data(dname, data_dir, n)
         ds = data[dname]
-        check_fits(lm, ds, device)
-        jobs.append((ds, resolve_eps(eps, eps_scale, ds.name)))
+        radius = resolve_eps(eps, eps_scale, ds.name)
+        check_fits(lm, ds, device, radius, seed, batch_size)
+        jobs.append((ds, radius))
     with progress() as bar:
         for lm, name, (ds, radius) in zip(loaded, names, jobs, strict=True):
             task = bar.add_task(f"γ {name}", total=len(ds))
@@ -169,6 +164,10 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
                 try:
                     r = gamma(lm.model, x, y, radius, steps=steps, step_size=step[0], relative_step=step[1],
                               restarts=restarts, bn=bn, grad_mode=grad_mode, seed=seed, ids=ids)
+                except attacks.NonFiniteLogits as exc:
+                    raise UserError(f"model {name!r} returns non-finite logits (NaN or inf) inside the ε = "
+                                    f"{radius:.6g} ball of example {int(exc.example_ids[0])}; γ cannot be "
+                                    "measured (a NaN is never 'perfectly linear')") from None
                 except ValueError as exc:
                     raise UserError(str(exc)) from None
                 pred = r.clean_logits.argmax(1).cpu()
@@ -184,8 +183,6 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
                 del r
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pd.concat(rows, ignore_index=True).to_csv(out / "gamma.csv", index=False)
     # Every figure and table is redrawn from the file just written (records are the one result format).
     df = pd.read_csv(out / "gamma.csv")

@@ -21,8 +21,9 @@ def _split(values) -> list[str]:
               help="Record column for the columns (attack: per-attack columns plus the worst case).")
 @click.option("--title", default=None, help="Table title / LaTeX caption.")
 @click.option("--merge-runs", is_flag=True,
-              help="Combine records of one model from different runs (other seed, budget or mode): an example "
-                   "counts as robust only if it is robust in every run. Without it such files are refused.")
+              help="Combine records of one model from different runs (other seed, budget or mode): an "
+                   "example counts as robust only if it is robust in every run. Without it such files are "
+                   "refused.")
 def report_command(record_files, fmt, rows, columns, title, merge_runs):
     """Summarise records.csv files (or run directories) into a robust-accuracy table.
 

@@ -510,9 +510,10 @@ def load_model(
     meta["normalization"] = norm.as_dict() if norm is not None else None
     if norm_source != "checkpoint":
         shown = {k: [round(float(v), 4) for v in vals] for k, vals in (meta["normalization"] or {}).items()}
-        warnings.warn(f"{path} has no normalisation layer; assuming {arch or meta.get('arch')}'s default input "
-                      f"normalisation {shown or 'none'} — if the model was trained with another, its numbers "
-                      "will be wrong", UserWarning, stacklevel=2)
+        which = arch or meta.get("arch")
+        warnings.warn(f"{path} has no normalisation layer; assuming {which}'s default input normalisation "
+                      f"{shown or 'none'} — if the model was trained with another, its numbers will be wrong",
+                      UserWarning, stacklevel=2)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     size = tuple(spec.input_size)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import signal
 import sys
 import threading
@@ -305,6 +306,38 @@ class StepInfo:
     parts: dict = field(default_factory=dict)
 
 
+def check_writable(path: Path) -> None:
+    """Raise a :class:`UserError` unless a checkpoint can be written at ``path`` (probed with a temp file)."""
+    import tempfile
+
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot write the checkpoint {path}: it exists and is not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write the checkpoint {path} ({exc.strerror or exc})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write the checkpoint {path} (permission denied)")
+
+
+def schedule_notes(cfg: TrainConfig) -> list[str]:
+    """Parts of the schedule that a short run never reaches (a run that ends early says so)."""
+    notes = []
+    if cfg.method != "nominal" and cfg.eps > 0 and cfg.eps_ramp_epochs > cfg.epochs:
+        reached = cfg.eps * min(1.0, cfg.epochs / cfg.eps_ramp_epochs)
+        notes.append(f"the ε ramp lasts {cfg.eps_ramp_epochs:g} epochs but the run has {cfg.epochs}: "
+                     f"training ends at ε = {reached:.4g}, below the target {cfg.eps:.4g} "
+                     "(shorten it with eps_ramp_epochs / --eps-ramp-epochs)")
+    late = [e for e in cfg.lr_decay_epochs if e >= cfg.epochs]
+    if late:
+        notes.append(f"learning-rate decay at epoch(s) {', '.join(map(str, late))} falls after the last "
+                     f"epoch ({cfg.epochs - 1}, 0-based) and never happens")
+    return notes
+
+
 def _load_resume(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path} to resume from")
@@ -337,7 +370,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -345,8 +377,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
 
     from robusteval.data import augment_crop_flip
     from robusteval.models import save_checkpoint
+    from robusteval.progress import make as make_progress
 
     out = Path(out)
+    check_writable(out)  # before any data loading or training step
     device = torch.device(cfg.device)
     if device.type == "cuda":  # decision 11 / pitfall 9
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -373,7 +407,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
         history = list((ckpt.get("metrics") or {}).get("epochs", []))
         sums = dict(state.get("sums", sums))
     console = Console(stderr=True)
-    echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True)
+    echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True, markup=False)
+    for note in schedule_notes(cfg):
+        echo(f"note: {note}")
     position = {"epoch": start_epoch, "step_in_epoch": start_step}
 
     def metrics() -> dict:
@@ -404,7 +440,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     in_step = False
-    bar = Progress(*columns, console=console, disable=not progress)
+    bar = make_progress(*columns, console=console, disable=not progress)
     with _DeferredInterrupt(echo) as interrupt, bar:
         try:
             for epoch in range(start_epoch, cfg.epochs):
