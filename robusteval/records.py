@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from robusteval.errors import UserError
+from robusteval.paths import output_dir
 
 COLUMNS: tuple[str, ...] = (
     "model", "checkpoint_sha256", "train_method", "train_steps", "dataset", "example_id", "label",
@@ -112,13 +113,7 @@ def check_appendable(path: str | os.PathLike) -> None:
     version (its header) and writable.
     """
     path = Path(path)
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"output directory {parent} exists and is not a directory") from None
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {parent} ({exc.strerror or exc})") from None
+    output_dir(path.parent)
     if path.exists():
         if not path.is_file():
             raise UserError(f"{path} exists and is not a file")
@@ -127,8 +122,6 @@ def check_appendable(path: str | os.PathLike) -> None:
                             "write to a fresh output directory")
         if not os.access(path, os.W_OK):
             raise UserError(f"cannot write to {path} (permission denied)")
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output directory {parent} (permission denied)")
 
 
 def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:

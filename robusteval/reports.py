@@ -177,14 +177,16 @@ def render(table: pd.DataFrame, fmt: str, note: str | None = None, title: str | 
 def rich_table(table: pd.DataFrame, title: str | None = None, note: str | None = None):
     """The table as a :class:`rich.table.Table` (percentages, row keys left-aligned)."""
     from rich.table import Table
+    from rich.text import Text
 
     keys = row_keys(table)
     headers, body = _text_rows(table)
-    out = Table(title=title, caption=note, caption_justify="left")
+    out = Table(title=Text(title) if title else None, caption=Text(note) if note else None,
+                caption_justify="left")
     for col, header in zip(table.columns, headers, strict=True):
-        out.add_column(header, justify="left" if col in keys else "right", no_wrap=True)
-    for r in body:
-        out.add_row(*r)
+        out.add_column(Text(header), justify="left" if col in keys else "right", no_wrap=True)
+    for r in body:  # plain text: a name like "model [a65ee9b7]" is not rich markup
+        out.add_row(*map(Text, r))
     return out
 
 

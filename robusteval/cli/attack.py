@@ -107,7 +107,7 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
       robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
     """
-    from robusteval import runner
+    from robusteval import records, runner
 
     if steps is not None and steps < 1 or restarts is not None and restarts < 1:
         raise UserError("--steps and --restarts must be ≥ 1 (0 steps would not attack at all)")
@@ -118,6 +118,8 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
     overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
                      relative_step=size[1] if size else None)
     runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, **overrides)  # names, early
+    out = Path(out) if out else default_out("attack")
+    records.check_appendable(out / records.FILENAME)  # an unwritable --out fails before any work
     device = resolve_device(device)
     entries = runner.load_entries(models, arch=arch, device=device)
     if dataset is None:
@@ -132,7 +134,6 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
         text = DEFAULT_EPS.get(ds.name, "8/255")
         click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)
         eps_values = [parse_eps(text)]
-    out = Path(out) if out else default_out("attack")
     click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
     runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
                     seed=seed, out=out, no_skip=no_skip, progress=not quiet, **overrides)

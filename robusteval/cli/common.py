@@ -82,21 +82,3 @@ def resolve_device(name: str) -> str:
     if name == "cpu":
         return "cpu"
     raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
-
-
-def output_dir(path):
-    """Create the output directory ``path`` (or accept an existing one) and check it is writable, before
-    any long work starts; every problem is a one-line :class:`UserError`."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"output directory {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {path} ({exc.strerror or exc})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output directory {path} (permission denied)")
-    return path

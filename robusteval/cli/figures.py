@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.common import output_dir, resolve_device
+from robusteval.cli.common import resolve_device
 from robusteval.cli.gamma import check_fits, dataset_name, load, model_options, progress, resolve_eps
 from robusteval.errors import UserError
+from robusteval.paths import output_dir
 
 
 def _example(name: str, data_dir, index: int):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.common import output_dir, parse_eps, parse_step_size, resolve_device
+from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
 from robusteval.errors import UserError
+from robusteval.paths import output_dir
 
 #: ε used when ``--eps`` is not given: the usual radius for each dataset (LLR paper: 8/255 CIFAR-10,
 #: 4/255 ImageNet; 0.1 is the common Fashion-MNIST choice, 0.3 MNIST's).
