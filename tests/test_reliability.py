@@ -216,8 +216,8 @@ CASES: dict[str, Case] = {
                                        "takes images of shape (1, 28, 28)"),
     "NaN only on perturbed inputs (attack)": Case(_attack("nan_off_grid"), ERR,
                                                   "non-finite logits (NaN or inf) on random points"),
-    "NaN only on perturbed inputs (gamma)": Case(lambda p, t: _gamma(p["nan_off_grid"], p["npz"], t / "g"), ERR,
-                                                 "non-finite logits"),
+    "NaN only on perturbed inputs (gamma)": Case(lambda p, t: _gamma(p["nan_off_grid"], p["npz"], t / "g"),
+                                                 ERR, "non-finite logits"),
     "show on a NaN model": Case(_show, ERR, "non-finite logits"),
     # ---- budgets and radii that cannot give a meaningful number
     "--steps 0": Case(_attack("ckpt", "npz", None, "--steps", 0), ERR, "must be ≥ 1"),
@@ -306,7 +306,8 @@ def test_records_carry_what_makes_them_comparable(w):
     df = records.read(w["rec"])
     assert df["example_sha"].str.fullmatch(r"[0-9a-f]{16}").all()
     assert df["example_sha"].nunique() == len(df)
-    assert df["checkpoint_sha256"].str.len().eq(64).all() and df["attack_config"].str.contains("steps=2").all()
+    assert df["checkpoint_sha256"].str.len().eq(64).all()
+    assert df["attack_config"].str.contains("steps=2").all()
     assert (df["eps"] == 0.05).all()  # exact after the round trip
 
 
