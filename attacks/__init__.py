@@ -38,12 +38,15 @@ from .objectives import (
     margin,
     margin_of,
     most_likely_target,
+    per_example_cross_entropy,
     targeted_margin,
 )
 from .optimizers import Adam, AdamState, Sign, adam, sign
 from .presets import (
     PRESETS,
+    Registry,
     fgsm20,
+    from_config,
     get,
     local_linearity,
     multi_targeted,
@@ -60,8 +63,9 @@ __all__ = [
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",
+    "per_example_cross_entropy",
     "Adam", "AdamState", "Sign", "adam", "sign",
     "Piecewise", "constant", "piecewise", "paper_decay",
-    "PRESETS", "get", "names", "untargeted", "random_targeted", "multi_targeted", "fgsm20", "pgd",
-    "local_linearity",
+    "PRESETS", "Registry", "get", "names", "from_config",
+    "untargeted", "random_targeted", "multi_targeted", "fgsm20", "pgd", "local_linearity",
 ]

@@ -21,7 +21,7 @@ decomposition). :func:`run` executes it with AutoAttack's evaluation semantics:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -53,6 +53,19 @@ def example_seed(seed: int, example_id: int, stream: int) -> int:
 def generators(seed: int, ids, stream: int) -> list[torch.Generator]:
     """One CPU generator per example id, seeded by :func:`example_seed`."""
     return [torch.Generator().manual_seed(example_seed(seed, int(i), stream)) for i in ids]
+
+
+def stable_repr(value) -> str:
+    """``repr`` for configurations: dataclasses field by field, functions by qualified name, recursively."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        inner = ", ".join(f"{f.name}={stable_repr(getattr(value, f.name))}" for f in fields(value) if f.repr)
+        return f"{type(value).__name__}({inner})"
+    if callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, tuple):
+        items = [stable_repr(v) for v in value]
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    return repr(value)
 
 
 class NonFiniteLogits(ValueError):
@@ -118,8 +131,12 @@ class Attack:
         return replace(self, **changes)
 
     def config(self) -> str:
-        """A one-line description of every field, stored with each record."""
-        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        """A one-line description of every field, stored with each record.
+
+        Stable from run to run (a function is written by its qualified name, never its address) and
+        round-trips: ``attacks.from_config(atk.config()) == atk``.
+        """
+        return ", ".join(f"{f.name}={stable_repr(getattr(self, f.name))}" for f in fields(self))
 
 
 @dataclass
@@ -144,7 +161,6 @@ class Result:
     target: torch.Tensor
     clean_logits: torch.Tensor
     forward_rows: int = 0
-    runs: list = field(default_factory=list)
 
 
 @dataclass
@@ -372,5 +388,5 @@ def run(
     return Result(
         x_adv=best_x, success=success if misclassify else torch.zeros_like(success),
         value=best.value, margin=best.margin, logits=best.logits, run=best.run, steps=best.steps,
-        target=best.target, clean_logits=z0, forward_rows=forward_rows, runs=runs,
+        target=best.target, clean_logits=z0, forward_rows=forward_rows,
     )

@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
+def per_example_cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``−log softmax(z)_y`` per example (the ℓ of the LLR paper); the one definition."""
+    return F.cross_entropy(z, y, reduction="none")
+
+
 def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """max_{j ≠ cls} z_j per row."""
     mask = F.one_hot(cls, z.shape[1]).bool()
@@ -53,7 +58,7 @@ class CrossEntropy:
     needs_delta = False
 
     def __call__(self, z, y, delta=None, aux=None):
-        return F.cross_entropy(z, y, reduction="none")
+        return per_example_cross_entropy(z, y)
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,6 @@ class MostLikelyTarget:
         return z.gather(1, t[:, None])[:, 0] - _other_max(z, t)
 
 
-def _cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(z, y, reduction="none")
-
-
 @dataclass(frozen=True)
 class LinearityGap:
     """The local-linearity gap ``g(δ; x) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|``.
@@ -99,7 +100,7 @@ class LinearityGap:
     """
 
     grad_mode: str = "deepmind"
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_example_cross_entropy
     name = "linearity-gap"
 
     def __post_init__(self):

@@ -16,12 +16,14 @@ Every knob can be overridden: ``get(name, eps, steps=..., restarts=..., step_siz
 
 from __future__ import annotations
 
+import ast
 import re
+from typing import Callable
 
 from . import objectives as O
 from .engine import Attack
-from .optimizers import adam, sign
-from .schedules import constant, paper_decay
+from .optimizers import Adam, Sign, adam, sign
+from .schedules import Piecewise, constant, paper_decay
 from .threats import LinfBall
 
 
@@ -59,19 +61,65 @@ def local_linearity(eps: float, bounds=(0.0, 1.0), grad_mode: str = "deepmind") 
                   50, 1, goal="maximize")
 
 
-PRESETS = {
-    "untargeted": untargeted,
-    "random-targeted": random_targeted,
-    "multi-targeted": multi_targeted,
-    "fgsm-20": fgsm20,
-    "pgd-50": pgd,
-    "local-linearity": local_linearity,
-}
+Builder = Callable[..., Attack]
+
+
+class Registry(dict):
+    """Preset name → builder, every builder called the same way: ``PRESETS[name](eps, bounds=(0, 1))``.
+
+    Families are registered by pattern: ``pgd-K`` for any K ≥ 0 resolves on lookup (``PRESETS["pgd-7"]``,
+    ``"pgd-7" in PRESETS``) to a builder of that K; :func:`names` lists them as ``pgd-K``.
+    """
+
+    def __init__(self, fixed: dict[str, Builder], families: dict[str, tuple[str, Callable[[int], Builder]]]):
+        super().__init__(fixed)
+        self.families = families  # shown name -> (regex with one integer group, K -> builder)
+
+    def _family(self, key):
+        for pattern, make in self.families.values():
+            m = re.fullmatch(pattern, str(key))
+            if m:
+                return make(int(m.group(1)))
+        return None
+
+    def __missing__(self, key):
+        builder = self._family(key)
+        if builder is None:
+            raise KeyError(f"unknown attack {key!r}; known: {', '.join(names())}")
+        return builder
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) or self._family(key) is not None
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def _pgd_family(steps: int) -> Builder:
+    def build(eps: float, bounds=(0.0, 1.0)) -> Attack:
+        return pgd(eps, steps, bounds)
+
+    build.__name__ = build.__qualname__ = f"pgd_{steps}"
+    return build
+
+
+PRESETS = Registry(
+    {
+        "untargeted": untargeted,
+        "random-targeted": random_targeted,
+        "multi-targeted": multi_targeted,
+        "fgsm-20": fgsm20,
+        "pgd-50": _pgd_family(50),
+        "local-linearity": local_linearity,
+    },
+    families={"pgd-K": (r"pgd-(\d+)", _pgd_family)},
+)
+_SPELLINGS = {"fgsm20": "fgsm-20", "multitargeted": "multi-targeted", "randomtargeted": "random-targeted"}
 
 
 def names() -> list[str]:
-    """Preset names (``pgd-K`` for any K is accepted too)."""
-    return list(PRESETS)
+    """Preset names, families as their pattern (``pgd-K``)."""
+    return [*dict.keys(PRESETS), *PRESETS.families]
 
 
 def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None = None,
@@ -84,15 +132,8 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
     :class:`Attack` fields (``targets``, ``num_targets``, ``all_targets``, ``final_iterate``, ...).
     """
     key = name.strip().lower().replace("_", "-")
-    key = {"fgsm20": "fgsm-20", "multitargeted": "multi-targeted", "randomtargeted": "random-targeted"}.get(
-        key, key)
-    m = re.fullmatch(r"pgd-?(\d+)", key)
-    if m:
-        attack = pgd(eps, int(m.group(1)), bounds)
-    elif key in PRESETS:
-        attack = PRESETS[key](eps, bounds)
-    else:
-        raise KeyError(f"unknown attack {name!r}; known: {', '.join(names())} (and pgd-K)")
+    key = re.sub(r"^pgd(\d+)$", r"pgd-\1", _SPELLINGS.get(key, key))
+    attack = PRESETS[key](eps, bounds)
     if steps is not None:
         changes["steps"] = int(steps)
     if restarts is not None:
@@ -106,3 +147,38 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
             objective = O.OBJECTIVES[objective]()
         changes["objective"] = objective
     return attack.replace(**changes) if changes else attack
+
+
+# What a stored configuration may name: these types, and these functions by qualified name. Nothing
+# else is ever constructed or looked up, so reading a configuration runs no code.
+_CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin,
+                                         O.MostLikelyTarget, O.LinearityGap, Adam, Sign, Piecewise, LinfBall)}
+_CONFIG_FUNCTIONS = {f"{f.__module__}.{f.__qualname__}": f for f in (O.per_example_cross_entropy,)}
+
+
+def from_config(text: str) -> Attack:
+    """The :class:`Attack` whose :meth:`Attack.config` is ``text`` (a stored record's ``attack_config``).
+
+    Only the library's own configuration types and functions are accepted; anything else is a
+    ``ValueError``.
+    """
+
+    def build(node):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+            if node.func.id not in _CONFIG_TYPES:
+                raise ValueError(f"unknown configuration type {node.func.id!r}")
+            return _CONFIG_TYPES[node.func.id](**{k.arg: build(k.value) for k in node.keywords})
+        if isinstance(node, ast.Tuple):
+            return tuple(build(e) for e in node.elts)
+        if isinstance(node, ast.Attribute):
+            dotted = ast.unparse(node)
+            if dotted not in _CONFIG_FUNCTIONS:
+                raise ValueError(f"unknown function {dotted!r} in an attack configuration")
+            return _CONFIG_FUNCTIONS[dotted]
+        return ast.literal_eval(node)
+
+    try:
+        tree = ast.parse(f"Attack({text})", mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"not an attack configuration: {exc.msg}") from None
+    return build(tree.body)

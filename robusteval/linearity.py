@@ -24,59 +24,24 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import attacks
+from robusteval.runtime import device_of, eval_mode, strict_fp32
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BN_MODES = ("eval", "nominal")
 GRAD_MODES = ("deepmind", "exact")
 
 
-def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy, the loss ℓ of the paper."""
-    return F.cross_entropy(z, y, reduction="none")
+#: Per-example cross-entropy, the loss ℓ of the paper (defined once, in :mod:`attacks`).
+cross_entropy = attacks.per_example_cross_entropy
 
 
 # ----------------------------------------------------------------------------------- numerics & modes
-
-
-@contextlib.contextmanager
-def strict_fp32(device: torch.device | str = "cpu") -> Iterator[None]:
-    """fp32 with TF32 off and autocast disabled for the block; previous settings restored after.
-
-    γ is a small difference of O(1) numbers (ℓ(x+δ) − ℓ(x) − δᵀ∇ℓ): TF32's 10-bit mantissa or fp16
-    autocast would swamp it (ALGORITHMS.md decision 11, pitfall 9).
-    """
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = False
-    kinds = {"cpu", torch.device(device).type} | ({"cuda"} if torch.cuda.is_available() else set())
-    try:
-        with contextlib.ExitStack() as stack:
-            for kind in sorted(kinds):
-                stack.enter_context(torch.autocast(kind, enabled=False))
-            yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put every sub-module in eval mode for the block and restore each one's own flag afterwards."""
-    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
-    flags = [m.training for m in modules]
-    for m in modules:
-        m.training = False
-    try:
-        yield model
-    finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.training = flag
 
 
 @contextlib.contextmanager
@@ -147,13 +112,6 @@ class GammaResult:
         return self.gamma.clamp(min=0).sqrt()
 
 
-def _model_device(model) -> torch.device:
-    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    if p is None and isinstance(model, torch.nn.Module):
-        p = next(iter(model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _check_fp32(model) -> None:
     if not isinstance(model, torch.nn.Module):
         return
@@ -200,7 +158,7 @@ def gamma(
         raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     _check_fp32(model)
     loss_fn = loss_fn or cross_entropy
-    device = _model_device(model)
+    device = device_of(model)
     x = x.detach().to(device=device, dtype=torch.float32)
     y = y.detach().to(device).long()
     attack = attacks.get("local-linearity", eps, steps=steps, restarts=restarts, step_size=step_size,
@@ -348,7 +306,7 @@ def loss_surface(
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be positive for a loss surface, got {eps!r}")
     loss_fn = loss_fn or cross_entropy
-    device = _model_device(model)
+    device = device_of(model)
     x = x.detach().to(device, torch.float32).reshape(1, *x.shape[-3:])
     y = torch.as_tensor(y, device=device).long().reshape(1)
     u = adv_direction.detach().to(device, torch.float32).reshape(x.shape) / eps

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -42,6 +41,7 @@ from robusteval import checks, records
 from robusteval.data import Dataset, load_dataset
 from robusteval.errors import UserError
 from robusteval.models.checkpoints import LoadedModel, load_model
+from robusteval.runtime import device_of, eval_mode, resolve_device
 
 TOLERANCE = 1e-6  # ‖δ‖∞ slack for float32 rounding in x + δ (ALGORITHMS.md decision 3)
 _STEP_KEYS = ("inner_steps", "steps", "attack_steps", "pgd_steps")  # the trainer's TrainConfig uses `steps`
@@ -74,18 +74,6 @@ class ModelEntry:
             if isinstance(training.get(key), int):
                 return int(training[key])
         return None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module in eval mode and restore each module's own training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def build_attacks(names: Sequence, eps: float, **overrides) -> list[attacks.Attack]:
@@ -159,14 +147,6 @@ def load_entries(models, arch: str | None = None, device: str = "cpu") -> list[M
     if len({e.name for e in out}) != len(out):
         raise UserError(f"the same model is given twice: {', '.join(names)}")
     return out
-
-
-def _device_of(model: nn.Module, default: str) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device(default)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids, name: str, what: str) -> torch.Tensor:
@@ -330,8 +310,6 @@ def evaluate(
     records in memory only. Returns the records of this evaluation (resumed rows included), in the
     schema of :mod:`robusteval.records`. Protocol: see the module docstring.
     """
-    from robusteval.cli.common import resolve_device
-
     eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
     if not eps_list or any(not math.isfinite(e) or e < 0 or e > 1 for e in eps_list):
         raise UserError(f"ε must be in [0, 1] pixel units, got {eps_list}")
@@ -366,12 +344,12 @@ def evaluate(
     for entry in entries:  # every model is checked against the data before any attack runs
         with eval_mode(entry.model):
             clean[entry.name] = check_model(entry, dataset, eps_list, batch_size,
-                                            _device_of(entry.model, device), seed)
+                                            device_of(entry.model, device), seed)
     collected: list[dict] = []
 
     with _Progress(progress) as bar:
         for entry in entries:
-            dev = _device_of(entry.model, device)
+            dev = device_of(entry.model, device)
             with eval_mode(entry.model):
                 clean_pred = clean[entry.name]
                 for e in eps_list:

@@ -69,16 +69,10 @@ def parse_step_size(text: str | None) -> tuple[float, bool] | None:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without a GPU is an error."""
-    import torch
+    """:func:`robusteval.runtime.resolve_device`, with the error worded for the ``--device`` flag."""
+    from robusteval.runtime import resolve_device as resolve
 
-    name = (name or "auto").lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but no CUDA device is available")
-        return name
-    if name == "cpu":
-        return "cpu"
-    raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
+    try:
+        return resolve(name)
+    except UserError as exc:
+        raise UserError(str(exc).replace("device cuda was", "--device cuda was")) from None

@@ -28,7 +28,7 @@ from robusteval.training.trainer import (
     TrainConfig,
     build_model,
     eps_at,
-    evaluate,
+    heldout_check,
     load_training_data,
     lr_at,
     make_config,
@@ -41,6 +41,6 @@ __all__ = [
     "MODES", "BatchNormReplay", "batchnorm_modules",
     "METHODS", "LossConfig", "LossOutput", "TradesKL", "adversarial_loss", "compute_loss",
     "cross_entropy", "inner_attack", "llr_loss", "llr_terms", "nominal_loss", "trades_loss",
-    "DATASET_DEFAULTS", "StepInfo", "TrainConfig", "build_model", "eps_at", "evaluate", "load_training_data",
-    "lr_at", "make_config", "make_optimizer", "resume_config", "train",
+    "DATASET_DEFAULTS", "StepInfo", "TrainConfig", "build_model", "eps_at", "heldout_check",
+    "load_training_data", "lr_at", "make_config", "make_optimizer", "resume_config", "train",
 ]

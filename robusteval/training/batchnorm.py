@@ -43,7 +43,6 @@ class BatchNormReplay:
     def __init__(self, model: nn.Module, mode: str = "capture_train"):
         self.modules = batchnorm_modules(model)
         self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.captures = 0  # number of capture passes made (running-stat updates per module)
         self._saved: list[tuple[nn.Module, object]] = []
         self.mode = mode
 
@@ -108,5 +107,3 @@ class BatchNormReplay:
             n = h.numel() // h.shape[1]
             bn.running_mean.lerp_(mu.detach(), factor)
             bn.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), factor)
-        if bn is self.modules[0]:
-            self.captures += 1

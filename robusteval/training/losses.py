@@ -22,7 +22,6 @@ LLR linearity search — is a configuration of the one attack engine, :func:`att
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,14 +29,14 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+from robusteval.runtime import eval_mode
 from robusteval.training.batchnorm import BatchNormReplay
 
 METHODS = ("nominal", "adversarial", "trades", "llr")
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy (the ℓ of the LLR paper)."""
-    return F.cross_entropy(logits, y, reduction="none")
+#: Per-example cross-entropy (the ℓ of the LLR paper), defined once in :mod:`attacks`.
+cross_entropy = attacks.per_example_cross_entropy
 
 
 @dataclass
@@ -119,15 +118,6 @@ def inner_attack(preset: str, eps: float, cfg: LossConfig, objective=None) -> at
                        goal="maximize", final_iterate=True, **changes)
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module):
-    # Project decision 12: attacks run on running statistics and never update them.
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def nominal_loss(model, x, y, **_) -> LossOutput:
@@ -146,7 +136,7 @@ def adversarial_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed
     """
     if delta is None:
         if eps > 0:
-            with _eval_mode(model):
+            with eval_mode(model):  # decision 12: running statistics, never updated
                 res = attacks.run(inner_attack(f"pgd-{cfg.steps}", eps, cfg), model, x, y, ids=ids, seed=seed)
             delta = (res.x_adv - x).detach()
         else:
@@ -166,7 +156,7 @@ def trades_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int
     """
     if delta is None:
         if eps > 0:
-            with _eval_mode(model):
+            with eval_mode(model):  # decision 12: running statistics, never updated
                 attack = inner_attack("pgd-1", eps, cfg, TradesKL())
                 res = attacks.run(attack, model, x, y, ids=ids, seed=seed)
             delta = (res.x_adv - x).detach()

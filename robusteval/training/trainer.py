@@ -44,6 +44,7 @@ from torch import nn
 
 import attacks
 from robusteval.errors import UserError
+from robusteval.runtime import eval_mode, strict_fp32
 from robusteval.training.losses import METHODS, LossConfig, compute_loss
 
 #: Per-dataset defaults. ``decay_at``: lr decay points as fractions of ``epochs`` (so a shorter run keeps
@@ -240,15 +241,14 @@ def _seed(cfg: TrainConfig, index: int, tag: int) -> int:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: nn.Module, data, eps: float, *, steps: int = 50, batch_size: int = 250, seed: int = 0,
-             device="cpu") -> dict:
-    """Clean and PGD-``steps`` robust accuracy (engine preset ``pgd-K``: Adam 0.1, margin, one restart)
-    of ``model`` in eval mode on ``data``; robust = clean-correct and still correct (decision 3)."""
-    was = model.training
-    model.eval()
+def heldout_check(model: nn.Module, data, eps: float, *, steps: int = 50, batch_size: int = 250,
+                  seed: int = 0, device="cpu") -> dict:
+    """The per-epoch held-out check: clean and PGD-``steps`` robust accuracy (engine preset ``pgd-K``:
+    Adam 0.1, margin, one restart) of ``model`` in eval mode on ``data``; robust = clean-correct and
+    still correct (decision 3). Not an evaluation of the model: use :func:`robusteval.runner.evaluate`."""
     attack = attacks.get(f"pgd-{steps}", eps) if eps > 0 else None
     clean = robust = 0
-    try:
+    with eval_mode(model):
         for x, y, ids in data.batches(batch_size):
             x, y = x.to(device), y.to(device)
             if attack is None:
@@ -260,8 +260,6 @@ def evaluate(model: nn.Module, data, eps: float, *, steps: int = 50, batch_size:
             res = attacks.run(attack, model, x, y, ids=ids, seed=seed)
             clean += int((res.clean_logits.argmax(1) == y).sum())
             robust += int((~res.success).sum())
-    finally:
-        model.train(was)
     n = len(data)
     return {"clean_acc": clean / n, "pgd_acc": robust / n, "eval_n": n, "eval_attack": f"pgd-{steps}",
             "eval_eps": eps}
@@ -357,6 +355,16 @@ def resume_config(path: str | Path) -> TrainConfig:
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None, download: bool = False,
           progress: bool = True, on_step: Callable[[StepInfo], None] | None = None) -> dict:
+    """See :func:`_train`. Runs in fp32 without TF32 (decision 11) and with the global RNG forked: the
+    caller's TF32 flags and random state are the same afterwards."""
+    devices = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
+    with strict_fp32(cfg.device), torch.random.fork_rng(devices=devices):
+        return _train(cfg, out, resume=resume, data=data, download=download, progress=progress,
+                      on_step=on_step)
+
+
+def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: bool, progress: bool,
+           on_step: Callable[[StepInfo], None] | None) -> dict:
     """Train ``cfg`` and write the checkpoint ``out`` (every epoch end and on interrupt); return metrics.
 
     ``resume=True`` continues from the checkpoint at ``out`` with its stored position, optimizer state
@@ -382,15 +390,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
     out = Path(out)
     check_writable(out)  # before any data loading or training step
     device = torch.device(cfg.device)
-    if device.type == "cuda":  # decision 11 / pitfall 9
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     train_ds, heldout = data if data is not None else load_training_data(cfg, download)
     steps_per_epoch = len(train_ds) // cfg.batch_size  # drop_last: batch statistics need full batches
     if steps_per_epoch < 1:
         raise UserError(f"{len(train_ds)} training images is less than one batch of {cfg.batch_size}")
 
-    torch.manual_seed(cfg.seed)  # weight initialisation only; everything else has its own generator
+    torch.manual_seed(cfg.seed)  # weight initialisation (the global RNG is forked by train())
     model, arch_kwargs = build_model(cfg, train_ds)
     model.to(device)
     opt = make_optimizer(model, cfg)
@@ -492,8 +497,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
                           "train_acc": sums["correct"] / max(sums["seen"], 1),
                           "train_seconds": time.perf_counter() - started}
                 if heldout is not None and len(heldout):
-                    record.update(evaluate(model, heldout, cfg.eps, steps=cfg.eval_steps,
-                                           seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
+                    record.update(heldout_check(model, heldout, cfg.eps, steps=cfg.eval_steps,
+                                                seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
                 history.append(record)
                 position.update(epoch=epoch + 1, step_in_epoch=0)
                 save(finished=epoch + 1 == cfg.epochs)
