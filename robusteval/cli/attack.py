@@ -6,42 +6,16 @@ Parse → :func:`robusteval.runner.evaluate` → :func:`robusteval.reports.summa
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
 from robusteval.cli import cli
 from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
+from robusteval.cli.options import DEFAULT_EPS, DEFAULT_N, default_out, load_data, model_option
 from robusteval.errors import UserError
 
-#: ε when ``--eps`` is not given: the usual radius per dataset (LLR paper: 8/255 CIFAR-10, 4/255
-#: ImageNet; 0.1 Fashion-MNIST, 0.3 MNIST).
-DEFAULT_EPS = {"fashion-mnist": "0.1", "mnist": "0.3", "cifar10": "8/255", "cifar100": "8/255",
-               "svhn": "8/255", "imagenet": "4/255"}  # fmt: skip
 DEFAULT_ATTACKS = ("untargeted", "multi-targeted")
-DEFAULT_N = 1000
-
-
-def default_out(prefix: str) -> Path:
-    """``runs/<prefix>-YYYYmmdd-HHMMSS``: a fresh directory per run unless ``--out`` names one."""
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def load_data(name: str, data_dir, n: int, n_given: bool, download: bool = False):
-    """The first ``n`` test examples of ``name``; the default ``n`` shrinks to what the data has."""
-    from robusteval.data import load_dataset
-
-    ds = load_dataset(name, split="test", data_dir=data_dir, download=download)
-    if n < 1:
-        raise UserError(f"--n must be positive, got {n}")
-    if n > len(ds):
-        if n_given:
-            raise UserError(f"--n {n} is more than the {len(ds)} test examples of {ds.name} ({ds.source})")
-        n = len(ds)
-    if ds.bundled:
-        click.echo(f"note: using the {ds.source} of the Fashion-MNIST test split", err=True)
-    return ds.subset(slice(0, n))
 
 
 def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
@@ -62,8 +36,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
 
 
 @cli.command("attack")
-@click.option("--model", "-m", "models", multiple=True, required=True,
-              help="Checkpoint path or zoo:NAME (repeat for several models).")
+@model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
               help="Attack preset, in battery order (repeat): untargeted, random-targeted, multi-targeted, "
                    "fgsm-20, pgd-K.")
@@ -74,8 +47,8 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
 @click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's, else fashion-mnist).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives.")
 @click.option("--download", is_flag=True, help="Download the dataset through torchvision if missing.")
-@click.option("--n", "n", type=int, default=DEFAULT_N, show_default=True,
-              help="Evaluate the first N test examples.")
+@click.option("--n", "n", type=int, default=None,
+              help=f"Evaluate the first N test examples (default {DEFAULT_N}, or all if fewer).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -89,8 +62,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
 @click.option("--no-skip", is_flag=True,
               help="Run every attack on every clean-correct example (independent per-attack columns).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.pass_context
-def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
+def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
@@ -128,8 +100,7 @@ def attack_command(ctx, models, attack_names, eps_texts, eps_scale, dataset, dat
             raise UserError(f"the models were trained on different datasets ({', '.join(sorted(found))}); "
                             "pass --dataset")
         dataset = found.pop() if found else "fashion-mnist"
-    n_given = ctx.get_parameter_source("n") is not click.core.ParameterSource.DEFAULT
-    ds = load_data(dataset, data_dir, n, n_given, download)
+    ds = load_data(dataset, data_dir, n, download)
     if not eps_values:
         text = DEFAULT_EPS.get(ds.name, "8/255")
         click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)

@@ -12,7 +12,8 @@ import re
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.attack import default_out, load_data, show_results
+from robusteval.cli.attack import show_results
+from robusteval.cli.options import default_out, load_data
 from robusteval.errors import UserError
 
 DEMO_ATTACKS = ("untargeted", "multi-targeted")
@@ -62,7 +63,7 @@ def demo_command(n, restarts, steps, batch_size, device, seed, skip, out, quiet)
         raise UserError("--n, --restarts and --steps must be ≥ 1")
     device = resolve_device(device)
     entries = runner.load_entries([f"zoo:{z}" for z in names], device=device)
-    ds = load_data("fashion-mnist", None, n, n_given=True)
+    ds = load_data("fashion-mnist", None, n)
     click.echo(f"demo budget: n={len(ds)} test images ({ds.source}), ε={DEMO_EPS}, "
                f"{' + '.join(DEMO_ATTACKS)} with {restarts} restarts × {steps} steps "
                f"(paper: 20 restarts × 200 steps on all 10,000); {len(entries)} models: {', '.join(names)}")

@@ -9,7 +9,7 @@ import click
 
 from robusteval.cli import cli
 from robusteval.cli.common import resolve_device
-from robusteval.cli.gamma import check_fits, dataset_name, load, model_options, progress, resolve_eps
+from robusteval.cli.options import check_fits, dataset_name, load, model_options, progress, resolve_eps
 from robusteval.errors import UserError
 from robusteval.paths import output_dir
 
@@ -38,7 +38,7 @@ def _attack(name: str, eps: float, steps, restarts, **changes):
 def _run(attack, model, x, y, ids, seed):
     """Run an attack from the one engine with the model in eval mode (its mode is restored after)."""
     import attacks
-    from robusteval.linearity import eval_mode
+    from robusteval.runtime import eval_mode
 
     with progress() as bar, eval_mode(model):
         task = bar.add_task(f"{attack.name} (ε = {attack.eps:.4g})", total=attack.restarts)
@@ -60,7 +60,7 @@ def _slug(text: str) -> str:
 
 
 figure_options = [
-    click.option("--model", required=True, help="Checkpoint path or zoo:NAME."),
+    click.option("--model", "-m", required=True, help="Checkpoint path or zoo:NAME."),
     click.option("--index", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Example id in the test split."),
     click.option("--eps", default=None, help="Radius ε: 8/255, 0.1 (default: per dataset)."),
