@@ -333,6 +333,51 @@ def loss_surface(
 # ------------------------------------------------------------------------------------------ summaries
 
 
+def gamma_records(model, name: str, sha256: str, ds, eps: float, eps_text: str | None = None, *,
+                  batch_size: int = 100, steps: int = 50, step_size: float = 0.1, relative_step: bool = False,
+                  restarts: int = 1, bn: str = "eval", grad_mode: str = "deepmind", seed: int = 0,
+                  step_size_text: str | None = None, on_batch=None) -> list[dict]:
+    """γ(ε, x) of ``model`` on every example of the dataset ``ds``, as γ records (:data:`records.GAMMA`).
+
+    Batches of ``batch_size``; ``on_batch(n)`` after each. A model that returns NaN or inf anywhere in
+    the search is a :class:`UserError` naming it and the first example (γ of a NaN is not 0).
+    """
+    from robusteval import records
+    from robusteval.errors import UserError
+
+    rows: list[dict] = []
+    text = eps_text if eps_text is not None else repr(float(eps))
+    num = lambda t: t.detach().cpu().double().tolist()
+    for x, y, ids in ds.batches(batch_size):
+        try:
+            r = gamma(model, x, y, eps, steps=steps, step_size=step_size, relative_step=relative_step,
+                      restarts=restarts, bn=bn, grad_mode=grad_mode, seed=seed, ids=ids)
+        except attacks.NonFiniteLogits as exc:
+            raise UserError(f"model {name!r} returns non-finite logits (NaN or inf) inside the ε = {eps:.6g} "
+                            f"ball of example {int(exc.example_ids[0])}; γ cannot be measured (a NaN is "
+                            "never 'perfectly linear')") from None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        pred = r.clean_logits.argmax(1).cpu().tolist()
+        values = {k: num(getattr(r, a)) for k, a in (("gamma", "gamma"), ("sqrt_gamma", "sqrt_gamma"),
+                                                      ("lin_abs", "lin"), ("loss", "loss"),
+                                                      ("loss_adv", "loss_adv"))}
+        for i, (xi, yi, idi) in enumerate(zip(x, y.tolist(), ids.tolist(), strict=True)):
+            rows.append({
+                "model": name, "checkpoint_sha256": sha256, "dataset": ds.name, "example_id": int(idi),
+                "label": int(yi), "example_sha": records.example_digest(xi.numpy(), yi),
+                "clean_pred": int(pred[i]), "clean_correct": pred[i] == yi, "eps": float(eps),
+                "eps_text": text,
+                **{k: v[i] for k, v in values.items()}, "steps": steps,
+                "step_size": step_size_text if step_size_text is not None else repr(step_size),
+                "restarts": restarts, "bn": bn, "grad_mode": grad_mode, "seed": seed,
+            })  # fmt: skip
+        if on_batch is not None:
+            on_batch(len(y))
+        del r
+    return rows
+
+
 def gamma_summary(df):
     """Per-model summary of γ records (the ``gamma.csv`` rows): n, ε, clean accuracy and the mean,
     median and 90th percentile of √γ (the statistics behind supplementary Figure F3), and mean γ."""

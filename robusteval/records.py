@@ -38,9 +38,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,42 @@ RUN_FIELDS = ("checkpoint_sha256", "attack_config", "seed", "mode")
 _TRUE, _FALSE = ("True", "true", "1"), ("False", "false", "0")
 
 
+@dataclass(frozen=True)
+class Schema:
+    """A per-example result format: its columns in order and each column's type."""
+
+    kind: str  # for messages: "records", "γ records"
+    columns: tuple[str, ...]
+    strings: tuple[str, ...] = ()
+    ints: tuple[str, ...] = ()
+    floats: tuple[str, ...] = ()
+    bools: tuple[str, ...] = ()
+    nullable_ints: tuple[str, ...] = ()
+    nullable_floats: tuple[str, ...] = ()
+    choices: dict = field(default_factory=dict)  # column -> allowed values
+    added: tuple[str, ...] = ()  # columns a file written by an earlier version may lack (left empty)
+
+
+#: Attack records (``records.csv``), one row per model × attack × ε × example.
+RECORDS = Schema("records", COLUMNS, STRINGS, INTS, FLOATS, BOOLS, NULLABLE_INTS, NULLABLE_FLOATS,
+                 {"status": STATUSES, "mode": MODES}, ADDED_COLUMNS)
+#: γ records (``gamma.csv``), one row per model × example: the same identity and prediction columns as
+#: attack records, ε exactly (full precision) and as the user wrote it (``eps_text``), then γ's fields.
+GAMMA_COLUMNS: tuple[str, ...] = (
+    "model", "checkpoint_sha256", "dataset", "example_id", "label", "example_sha", "clean_pred",
+    "clean_correct", "eps", "eps_text", "gamma", "sqrt_gamma", "lin_abs", "loss", "loss_adv", "steps",
+    "step_size", "restarts", "bn", "grad_mode", "seed",
+)  # fmt: skip
+GAMMA = Schema(
+    "γ records", GAMMA_COLUMNS,
+    strings=("model", "checkpoint_sha256", "dataset", "example_sha", "eps_text", "step_size", "bn",
+             "grad_mode"),
+    ints=("example_id", "label", "clean_pred", "steps", "restarts", "seed"),
+    floats=("eps", "gamma", "sqrt_gamma", "lin_abs", "loss", "loss_adv"), bools=("clean_correct",),
+)  # fmt: skip
+GAMMA_FILENAME = "gamma.csv"
+
+
 def eps_key(eps: float) -> float:
     """ε as used in keys: rounded so that CSV round-trips and 8/255 typed two ways compare equal."""
     return round(float(eps), 12)
@@ -92,7 +130,7 @@ def _cell(value) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
     if isinstance(value, float):
-        return repr(value)  # exact round trip
+        return repr(float(value))  # exact round trip (numpy floats too: no "np.float64(...)")
     return str(value)
 
 
@@ -188,40 +226,55 @@ def _bad(path: Path, line: int, message: str) -> UserError:
     return UserError(f"{path}: line {line}: {message}")
 
 
-def _validate(raw: pd.DataFrame, lines: list[int], path: Path) -> pd.DataFrame:
-    """Check every field's type (raising at the first bad one, with its line) and return typed columns."""
+def _parse_float(text: str) -> float | None:
+    """Python's exact decimal-to-double conversion (``repr`` round-trips); ``None`` if not a number."""
+    try:
+        return float(text) if text != "" else math.nan
+    except ValueError:
+        return None
 
-    def first_bad(mask: pd.Series, col: str, expected: str):
+
+def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
+    """Check every field's type (raising at the first bad one, with its line) and return typed columns.
+
+    Floats are converted by Python's ``float`` (correctly rounded), never a faster approximate parser,
+    so a value written with ``repr`` reads back bit for bit (``eps == 8/255`` holds) on any pandas.
+    """
+
+    def first_bad(mask, col: str, expected: str):
+        mask = np.asarray(mask, dtype=bool)
         if bool(mask.any()):
-            i = int(np.flatnonzero(mask.to_numpy())[0])
+            i = int(np.flatnonzero(mask)[0])
             raise _bad(path, lines[i], f"{col} is {raw[col].iloc[i]!r}, expected {expected}")
 
     out = pd.DataFrame(index=raw.index)
-    for c in STRINGS:
+    for c in schema.strings:
         out[c] = raw[c].astype(str)
-    first_bad(~raw["status"].isin(STATUSES), "status", " or ".join(STATUSES))
-    first_bad(~raw["mode"].isin(MODES), "mode", " or ".join(MODES))
-    for c in INTS + NULLABLE_INTS:
+    for c, allowed in schema.choices.items():
+        first_bad(~raw[c].isin(allowed), c, " or ".join(allowed))
+    for c in schema.ints + schema.nullable_ints:
         ok = raw[c].str.fullmatch(r"-?\d+")
-        if c in NULLABLE_INTS:
+        if c in schema.nullable_ints:
             ok |= raw[c] == ""
         first_bad(~ok, c, "an integer")
-        out[c] = pd.to_numeric(raw[c].replace("", None)).astype("Int64" if c in NULLABLE_INTS else "int64")
-    for c in FLOATS:
-        values = pd.to_numeric(raw[c].replace("", None), errors="coerce").astype("float64")
-        bad = values.isna() & (raw[c] != "" if c in NULLABLE_FLOATS else True)
-        first_bad(bad, c, "a number")
-        out[c] = values
-    first_bad(~np.isfinite(out["eps"]) | (out["eps"] < 0) | (out["eps"] > 1), "eps", "a radius in [0, 1]")
-    for c in BOOLS:
+        nullable = c in schema.nullable_ints
+        out[c] = pd.to_numeric(raw[c].replace("", None)).astype("Int64" if nullable else "int64")
+    for c in schema.floats:
+        parsed = [_parse_float(v) for v in raw[c]]
+        empty_ok = c in schema.nullable_floats
+        first_bad([v is None or (v != v and not empty_ok) for v in parsed], c, "a number")
+        out[c] = np.array(parsed, dtype="float64") if parsed else np.array([], dtype="float64")
+    if "eps" in schema.columns:
+        first_bad(~np.isfinite(out["eps"]) | (out["eps"] < 0) | (out["eps"] > 1), "eps", "a radius in [0, 1]")
+    for c in schema.bools:
         first_bad(~raw[c].isin(_TRUE + _FALSE), c, "True or False")
         out[c] = raw[c].isin(_TRUE)
-    return out[list(COLUMNS)]
+    return out[list(schema.columns)]
 
 
-def _read_one(path: Path) -> pd.DataFrame:
+def _read_one(path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
     if not path.is_file():
-        raise UserError(f"records file not found: {path}")
+        raise UserError(f"{schema.kind} file not found: {path}")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -229,15 +282,16 @@ def _read_one(path: Path) -> pd.DataFrame:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not a robusteval records file (not text)") from None
+        raise UserError(f"{path} is not a robusteval {schema.kind} file (not text)") from None
     rows = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(rows, None)
     except csv.Error as exc:
-        raise UserError(f"{path} is not a robusteval records file ({exc})") from None
-    columns = [c for c in COLUMNS if c not in ADDED_COLUMNS]
+        raise UserError(f"{path} is not a robusteval {schema.kind} file ({exc})") from None
+    columns = [c for c in schema.columns if c not in schema.added]
     if header is None or not set(columns) <= set(header) or len(set(header)) != len(header):
-        raise UserError(f"{path} is not a robusteval records file (its first line is not the records header)")
+        raise UserError(f"{path} is not a robusteval {schema.kind} file (its first line is not the "
+                        f"{schema.kind} header)")
     torn = not text.endswith("\n")
     last_line = text.count("\n") + 1
     body, lines, dropped = [], [], False
@@ -257,18 +311,18 @@ def _read_one(path: Path) -> pd.DataFrame:
             raise _bad(path, rows.line_num, str(exc)) from None
         dropped = True  # an unterminated quote in the partial last line
     raw = pd.DataFrame(body, columns=header, dtype=str) if body else pd.DataFrame(columns=header, dtype=str)
-    for c in ADDED_COLUMNS:
+    for c in schema.added:
         if c not in raw.columns:
             raw[c] = ""
     if torn and body and lines[-1] == last_line:
         try:  # a last line without its newline: keep it only if it is a complete, valid row
-            _validate(raw.iloc[-1:], lines[-1:], path)
+            _validate(raw.iloc[-1:], lines[-1:], path, schema)
         except UserError:
             raw, lines, dropped = raw.iloc[:-1], lines[:-1], True
     if dropped:
         warnings.warn(f"{path}: ignoring its incomplete last line {last_line} (a run killed mid-write; "
                       "resuming the run repairs the file)", RuntimeWarning, stacklevel=3)
-    df = _validate(raw.reset_index(drop=True), lines, path)
+    df = _validate(raw.reset_index(drop=True), lines, path, schema)
     df["_file"] = str(path)
     df["_line"] = lines
     return df
@@ -351,6 +405,30 @@ def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge: bool = F
     df = _disambiguate(df)
     check_compatible(df, merge=merge)
     return df.drop(columns=["_file", "_line"]).reset_index(drop=True)
+
+
+def write_gamma(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write γ records (:data:`GAMMA`) to ``path`` in one go: header, then rows, floats exact (``repr``)."""
+    path = Path(path)
+    output_dir(path.parent)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(GAMMA_COLUMNS)
+    for row in rows:
+        missing = set(GAMMA_COLUMNS) - set(row)
+        if missing:
+            raise ValueError(f"γ record is missing columns {sorted(missing)}")
+        writer.writerow([_cell(row[c]) for c in GAMMA_COLUMNS])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def read_gamma(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate a ``gamma.csv`` (a directory means its ``gamma.csv``); never writes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / GAMMA_FILENAME
+    return _read_one(path, GAMMA).drop(columns=["_file", "_line"])
 
 
 def read_if_exists(path: str | os.PathLike) -> pd.DataFrame:

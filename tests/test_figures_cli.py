@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from robusteval import records
 from robusteval.cli import cli
 from robusteval.data import load_dataset
 from robusteval.models import create_model, load_model, save_checkpoint
@@ -37,13 +38,15 @@ def test_gamma_cli_records_histogram_and_summary(ckpts, tmp_path):
                "--batch-size", 6, "--steps", 5, "--bins", 7, "--out", out)
     assert r.exit_code == 0, r.output
     assert "tiny0" in r.stdout and "median √γ" in r.stdout and "p90" in r.stdout
-    df = pd.read_csv(out / "gamma.csv")
+    df = records.read_gamma(out)  # γ results are records: the same id / prediction columns as attacks
     assert len(df) == 20 and set(df.model) == {"tiny0", "tiny1"}
-    for col in ("id", "label", "clean_correct", "gamma", "sqrt_gamma", "lin_abs", "loss", "loss_adv", "eps",
-                "steps", "bn", "grad_mode"):
+    for col in ("example_id", "label", "clean_pred", "clean_correct", "gamma", "sqrt_gamma", "lin_abs", "loss",
+                "loss_adv", "eps", "eps_text", "steps", "bn", "grad_mode"):
         assert col in df.columns
     assert (df.gamma >= 0).all() and np.allclose(df.sqrt_gamma, np.sqrt(df.gamma))
-    assert df.eps.eq(8 / 255).all() and list(df.id[:10]) == list(range(10))
+    # ε round-trips exactly (full precision, read with Python's float) and keeps the text as given
+    assert df.eps.eq(8 / 255).all() and df.eps_text.eq("8/255").all()
+    assert list(df.example_id[:10]) == list(range(10))
     # The saved bin counts are those recomputed from gamma.csv on the saved (shared) edges.
     assert (out / "gamma_hist.png").stat().st_size > 0
     hist = pd.read_csv(out / "gamma_hist.csv")

@@ -19,7 +19,6 @@ from robusteval.cli.options import (
     resolve_eps,
     unique_names,
 )
-from robusteval.errors import UserError
 from robusteval.paths import output_dir
 
 
@@ -58,12 +57,11 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
       robusteval gamma --model ckpt.pt --eps 8/255 --dataset cifar10 --n 1000 --out runs/g
       robusteval gamma --model ckpt.pt --eps 8 --eps-scale 255 --bn nominal --log-counts
     """
-    import pandas as pd
     import torch
 
-    import attacks
+    from robusteval import records
     from robusteval.figures import gamma_histogram
-    from robusteval.linearity import gamma, gamma_summary
+    from robusteval.linearity import gamma_records, gamma_summary
 
     device = resolve_device(device)
     step = parse_step_size(step_size)
@@ -73,44 +71,26 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
     loaded = [load(spec, arch, device) for spec in models]
     names = unique_names([m.name for m in loaded], list(models))
     rows, data, jobs = [], {}, []
-    num = lambda t: t.detach().cpu().double().numpy()
     for lm in loaded:  # every data/model problem surfaces before the long run starts
         dname = dataset_name(lm, dataset)
         if dname not in data:
             data[dname] = load_data(dname, data_dir, n)
         ds = data[dname]
-        radius = resolve_eps(eps, eps_scale, ds.name)
+        radius, text = resolve_eps(eps, eps_scale, ds.name, with_text=True)
         check_fits(lm, ds, device, radius, seed, batch_size)
-        jobs.append((ds, radius))
+        jobs.append((ds, radius, text))
     with progress() as bar:
-        for lm, name, (ds, radius) in zip(loaded, names, jobs, strict=True):
+        for lm, name, (ds, radius, text) in zip(loaded, names, jobs, strict=True):
             task = bar.add_task(f"γ {name}", total=len(ds))
-            for x, y, ids in ds.batches(batch_size):
-                try:
-                    r = gamma(lm.model, x, y, radius, steps=steps, step_size=step[0], relative_step=step[1],
-                              restarts=restarts, bn=bn, grad_mode=grad_mode, seed=seed, ids=ids)
-                except attacks.NonFiniteLogits as exc:
-                    raise UserError(f"model {name!r} returns non-finite logits (NaN or inf) inside the ε = "
-                                    f"{radius:.6g} ball of example {int(exc.example_ids[0])}; γ cannot be "
-                                    "measured (a NaN is never 'perfectly linear')") from None
-                except ValueError as exc:
-                    raise UserError(str(exc)) from None
-                pred = r.clean_logits.argmax(1).cpu()
-                rows.append(pd.DataFrame({
-                    "model": name, "checkpoint_sha256": lm.sha256, "dataset": ds.name, "id": ids.numpy(),
-                    "label": y.numpy(), "pred": pred.numpy(), "clean_correct": (pred == y).numpy(),
-                    "gamma": num(r.gamma), "sqrt_gamma": num(r.sqrt_gamma), "lin_abs": num(r.lin),
-                    "loss": num(r.loss), "loss_adv": num(r.loss_adv), "eps": radius, "steps": steps,
-                    "step_size": step_size, "restarts": restarts, "bn": bn, "grad_mode": grad_mode,
-                    "seed": seed,
-                }))
-                bar.advance(task, len(y))
-                del r
+            rows += gamma_records(lm.model, name, lm.sha256, ds, radius, text, batch_size=batch_size,
+                                  steps=steps, step_size=step[0], relative_step=step[1], restarts=restarts,
+                                  bn=bn, grad_mode=grad_mode, seed=seed, step_size_text=step_size,
+                                  on_batch=lambda k, task=task: bar.advance(task, k))
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    pd.concat(rows, ignore_index=True).to_csv(out / "gamma.csv", index=False)
+    path = records.write_gamma(out / records.GAMMA_FILENAME, rows)
     # Every figure and table is redrawn from the file just written (records are the one result format).
-    df = pd.read_csv(out / "gamma.csv")
+    df = records.read_gamma(path)
     hist = gamma_histogram(df, out / "gamma_hist.png", log=log_counts, bins=bins)
     hist.to_frame().to_csv(out / "gamma_hist.csv", index=False)
     summary = gamma_summary(df)

@@ -51,11 +51,15 @@ def dataset_name(loaded, dataset: str | None) -> str:
     return dataset or loaded.meta.get("dataset") or "fashion-mnist"
 
 
-def resolve_eps(eps: str | None, scale: float, dataset: str) -> float:
+def resolve_eps(eps: str | None, scale: float, dataset: str, with_text: bool = False):
+    """``--eps`` (or the dataset's default) in [0, 1] units; with ``with_text`` also the text as given
+    (``8/255``; ``8/255`` too for ``--eps 8 --eps-scale 255``)."""
     if eps is None:
         eps = DEFAULT_EPS.get(dataset, "8/255")
         click.echo(f"using the default ε = {eps} for {dataset} (set it with --eps)", err=True)
-    return parse_eps(eps, scale)
+    value = parse_eps(eps, scale)
+    text = str(eps).strip() if scale == 1 else f"{str(eps).strip()}/{scale:g}"
+    return (value, text) if with_text else value
 
 
 def check_fits(loaded, ds, device: str, eps: float = 0.0, seed: int = 0, batch_size: int = 256) -> None:
