@@ -40,8 +40,8 @@ def test_gamma_cli_records_histogram_and_summary(ckpts, tmp_path):
     assert "tiny0" in r.stdout and "median √γ" in r.stdout and "p90" in r.stdout
     df = records.read_gamma(out)  # γ results are records: the same id / prediction columns as attacks
     assert len(df) == 20 and set(df.model) == {"tiny0", "tiny1"}
-    for col in ("example_id", "label", "clean_pred", "clean_correct", "gamma", "sqrt_gamma", "lin_abs", "loss",
-                "loss_adv", "eps", "eps_text", "steps", "bn", "grad_mode"):
+    for col in ("example_id", "label", "clean_pred", "clean_correct", "gamma", "sqrt_gamma", "lin_abs",
+                "loss", "loss_adv", "eps", "eps_text", "steps", "bn", "grad_mode"):
         assert col in df.columns
     assert (df.gamma >= 0).all() and np.allclose(df.sqrt_gamma, np.sqrt(df.gamma))
     # ε round-trips exactly (full precision, read with Python's float) and keeps the text as given
