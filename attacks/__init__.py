@@ -25,13 +25,24 @@ The package name is generic; it ships inside the ``robusteval`` distribution and
 its own. Sources: ALGORITHMS.md (project design), the LLR supplementary, DeepMind's IBP attack library.
 """
 
-from .engine import Attack, NonFiniteLogits, Result, example_seed, generators, run
+from .engine import (
+    Attack,
+    Evasion,
+    FinalIterate,
+    Maximize,
+    NonFiniteLogits,
+    Result,
+    example_seed,
+    generators,
+    run,
+)
 from .objectives import (
     OBJECTIVES,
     CrossEntropy,
     LinearityGap,
     Margin,
     MostLikelyTarget,
+    ObjectiveBase,
     TargetedMargin,
     cross_entropy,
     linearity_gap,
@@ -55,11 +66,16 @@ from .presets import (
     random_targeted,
     untargeted,
 )
+from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Piecewise, constant, paper_decay, piecewise
+from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import LinfBall
 
 __all__ = [
-    "Attack", "NonFiniteLogits", "Result", "run", "example_seed", "generators",
+    "Attack", "NonFiniteLogits", "Result", "run",
+    "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
+    "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
+    "example_seed", "generators",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",

@@ -17,22 +17,26 @@ decomposition). :func:`run` executes it with AutoAttack's evaluation semantics:
   batch size, example order or device (project decision 6);
 * the model is never modified: no ``train()``/``eval()`` call, gradients are taken with respect to the
   input only (``torch.autograd.grad``), so parameters' ``.grad``, buffers and mode are untouched.
+
+Shape: :func:`run` is a loop over *trials* — ``(restart, target slot)`` pairs from the attack's target
+policy (:mod:`attacks.targets`) — each an ascent (:func:`_ascend`) on the survivors; what is kept from
+each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize`,
+:class:`FinalIterate`). Objective, optimizer, schedule and threat are the protocols of
+:mod:`attacks.protocols`; a gradient-free optimizer (``uses_gradient = False``) runs in the same loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
 
 import torch
 
-from .objectives import Margin, margin_of
-from .optimizers import Adam, Sign, select
-from .schedules import Piecewise
-from .threats import LinfBall
+from .objectives import margin_of
+from .optimizers import select
+from .protocols import Objective, Optimizer, Schedule, Threat
+from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 _MASK64 = (1 << 64) - 1
-TARGET_STREAM = 1 << 40
 
 
 def _splitmix64(z: int) -> int:
@@ -80,54 +84,212 @@ class NonFiniteLogits(ValueError):
         self.example_ids = example_ids
 
 
+# ------------------------------------------------------------------------------------------- tracking
+
+
+@dataclass
+class _Best:
+    """Best point found so far per example (global) or per active row (a run's local copy).
+
+    Within a run the local copy is updated with ``torch.where`` (one pass over the batch per step);
+    rows are written back to the global copy when they leave the active batch or the run ends.
+    ``score`` ranks candidates: the untargeted margin for evasion (so multi-targeted picks its copy by
+    the untargeted margin, ALGORITHMS §4.3), the objective for maximisation.
+    """
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    margin: torch.Tensor
+    value: torch.Tensor
+    score: torch.Tensor
+    success: torch.Tensor
+    run: torch.Tensor
+    target: torch.Tensor
+    steps: torch.Tensor
+
+    @classmethod
+    def initial(cls, x, z0, margin0, evades: bool):
+        n, dev = x.shape[0], x.device
+        return cls(
+            x=x.clone(), logits=z0.clone(), margin=margin0.clone(),
+            value=torch.full((n,), float("nan"), device=dev, dtype=margin0.dtype),
+            score=torch.full((n,), float("-inf"), device=dev, dtype=margin0.dtype),
+            success=(margin0 > 0) if evades else torch.zeros(n, dtype=torch.bool, device=dev),
+            run=torch.full((n,), -1, dtype=torch.long, device=dev),
+            target=torch.full((n,), -1, dtype=torch.long, device=dev),
+            steps=torch.zeros(n, dtype=torch.long, device=dev),
+        )
+
+    def gather(self, rows) -> _Best:
+        """A local copy for ``rows`` (its ``steps`` count this run only)."""
+        local = _Best(*(getattr(self, f.name)[rows] for f in fields(self)))
+        local.steps = torch.zeros_like(local.steps)
+        return local
+
+    def select(self, keep) -> _Best:
+        return _Best(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+    def scatter(self, rows, local: _Best, which=None) -> None:
+        """Write the local rows (all, or those where ``which``) back to the global copy."""
+        if which is not None:
+            idx = which.nonzero()[:, 0]
+            rows, local = rows[idx], local.select(idx)
+        for f in fields(self):
+            if f.name == "steps":
+                self.steps[rows] += local.steps
+            else:
+                getattr(self, f.name)[rows] = getattr(local, f.name)
+
+    def update(self, mask, it: _Iterate, by_margin: bool) -> None:
+        """Take the current iterate where ``mask``."""
+        col = mask.view(-1, *([1] * (it.x.ndim - 1)))
+        self.x = torch.where(col, it.x, self.x)
+        self.logits = torch.where(mask[:, None], it.z, self.logits)
+        self.margin = torch.where(mask, it.margin, self.margin)
+        self.value = torch.where(mask, it.value, self.value)
+        self.score = torch.where(mask, it.margin if by_margin else it.value, self.score)
+        self.run = torch.where(mask, it.run, self.run)
+        if it.target is not None:
+            self.target = torch.where(mask, it.target, self.target)
+
+
+@dataclass
+class _Iterate:
+    """One evaluated iterate of the active rows: point, logits, objective, margin, run and target."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    value: torch.Tensor
+    margin: torch.Tensor
+    run: int
+    target: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Evasion:
+    """Success is a strict untargeted margin > 0; the first successful iterate is kept (a found example
+    is proof), otherwise the highest margin; solved examples leave the batch (project decisions 3-5)."""
+
+    evades = True
+
+    def observe(self, best: _Best, it: _Iterate, last: bool) -> torch.Tensor:
+        solved = (it.margin > 0) & ~best.success
+        best.update(solved | ((it.margin > best.score) & ~best.success), it, by_margin=True)
+        best.success |= solved
+        return solved
+
+
+@dataclass(frozen=True)
+class Maximize:
+    """No notion of success: every example runs every step and the highest objective wins (the γ search
+    and training-time attacks)."""
+
+    evades = False
+
+    def observe(self, best: _Best, it: _Iterate, last: bool) -> None:
+        best.update(it.value > best.score, it, by_margin=False)
+
+
+@dataclass(frozen=True)
+class FinalIterate:
+    """DeepMind's rule: keep each run's final iterate — the first run's always, a later run's when it
+    misclassifies (``evades``) or has a higher objective (otherwise)."""
+
+    evades: bool = True
+
+    def observe(self, best: _Best, it: _Iterate, last: bool) -> None:
+        if not last:
+            return None
+        better = (it.margin > 0) if self.evades else (it.value > best.score)
+        best.update((best.run < 0) | better, it, by_margin=self.evades)  # run < 0: no run kept yet
+        if self.evades:
+            best.success |= it.margin > 0
+
+
+Tracking = Evasion | Maximize | FinalIterate
+_LEGACY = ("targets", "num_targets", "all_targets", "goal", "final_iterate")
+
+
+def _policies(changes: dict, targets: TargetPolicy, tracking: Tracking) -> tuple[TargetPolicy, Tracking]:
+    """Translate the flag spelling (``targets="ranked"``, ``num_targets``, ``all_targets``, ``goal``,
+    ``final_iterate``) into policy values; used by :meth:`Attack.replace` and :func:`attacks.get`."""
+    kind = changes.pop("targets", targets)
+    if isinstance(kind, str) or kind is None:
+        kind = {None: Untargeted(), "random": RandomTarget(), "ranked": RankedTargets()}.get(kind, kind)
+        if isinstance(kind, str):
+            raise ValueError("targets must be None, 'random' or 'ranked'")
+    if "num_targets" in changes or "all_targets" in changes:
+        if not isinstance(kind, RankedTargets):
+            raise ValueError("num_targets / all_targets apply to ranked targets only")
+        kind = RankedTargets(changes.pop("num_targets", kind.k), bool(changes.pop("all_targets", kind.all)))
+    goal = changes.pop("goal", None)
+    final = changes.pop("final_iterate", None)
+    if goal is not None or final is not None:
+        if goal not in (None, "misclassify", "maximize"):
+            raise ValueError("goal must be 'misclassify' or 'maximize'")
+        evades = tracking.evades if goal is None else goal == "misclassify"
+        final = isinstance(tracking, FinalIterate) if final is None else final
+        tracking = FinalIterate(evades) if final else (Evasion() if evades else Maximize())
+    return kind, tracking
+
+
+# --------------------------------------------------------------------------------------------- attack
+
+
 @dataclass(frozen=True)
 class Attack:
-    """A complete attack configuration; its ``repr`` is stored with every result.
+    """A complete attack configuration; its :meth:`config` is stored with every result.
 
-    ``targets``: ``None`` (untargeted), ``"random"`` (one random wrong class per example, shared by its
-    restarts) or ``"ranked"`` (wrong classes by clean margin ``z_t − z_y``, highest first; the first
-    ``num_targets`` are used). With ``"ranked"``, restarts cycle over targets round-robin, or every
-    restart runs every target with ``all_targets=True`` (DeepMind's IBP semantics, R·K runs).
-
-    ``goal``: ``"misclassify"`` (evasion: success = strict untargeted margin > 0, locked and compacted)
-    or ``"maximize"`` (no success notion; every example runs every step and the highest objective wins —
-    the γ search and training-time attacks).
+    ``targets``: a target policy (:class:`~attacks.targets.Untargeted`, ``RandomTarget`` — one random
+    wrong class per example, shared by its restarts — or ``RankedTargets(k, all)`` — wrong classes by
+    clean logit, restarts round-robin or every restart every target). ``tracking``: what is kept from the
+    iterates (:class:`Evasion`, :class:`Maximize`, :class:`FinalIterate`). :meth:`replace` and
+    :func:`attacks.get` also take the flag spelling (``targets="ranked"``, ``num_targets=3``,
+    ``all_targets=True``, ``goal="maximize"``, ``final_iterate=True``).
     """
 
     name: str
-    objective: Any
-    optimizer: Adam | Sign
-    schedule: Piecewise
-    threat: LinfBall
+    objective: Objective
+    optimizer: Optimizer
+    schedule: Schedule
+    threat: Threat
     steps: int
     restarts: int = 1
-    targets: str | None = None
-    num_targets: int | None = None
-    all_targets: bool = False
-    goal: str = "misclassify"
-    final_iterate: bool = False
+    targets: TargetPolicy = Untargeted()
+    tracking: Tracking = Evasion()
     random_start: bool = True
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
             raise ValueError("steps must be ≥ 0 and restarts ≥ 1")
-        if self.targets not in (None, "random", "ranked"):
-            raise ValueError("targets must be None, 'random' or 'ranked'")
-        if self.goal not in ("misclassify", "maximize"):
-            raise ValueError("goal must be 'misclassify' or 'maximize'")
-        if getattr(self.objective, "needs_target", False) and self.targets is None:
+        if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
+            raise ValueError(f"targets must be a target policy, got {self.targets!r}")
+        if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate)):
+            raise ValueError("tracking must be Evasion(), Maximize() or FinalIterate(), "
+                             f"got {self.tracking!r}")
+        if self.objective.needs_target and isinstance(self.targets, Untargeted):
             raise ValueError(f"objective {self.objective!r} needs targets ('random' or 'ranked')")
-        if self.num_targets is not None and self.num_targets < 1:
-            raise ValueError("num_targets must be ≥ 1")
 
     @property
     def eps(self) -> float:
         return self.threat.eps
 
-    def replace(self, **changes) -> "Attack":
-        """A copy with some fields changed (``eps=`` replaces the threat's radius)."""
+    @property
+    def goal(self) -> str:
+        """``"misclassify"`` (evasion: success decided, locked and compacted) or ``"maximize"``."""
+        return "misclassify" if self.tracking.evades else "maximize"
+
+    @property
+    def final_iterate(self) -> bool:
+        return isinstance(self.tracking, FinalIterate)
+
+    def replace(self, **changes) -> Attack:
+        """A copy with some fields changed (``eps=`` replaces the threat's radius; flag spellings too)."""
         if "eps" in changes:
             changes["threat"] = replace(changes.get("threat", self.threat), eps=changes.pop("eps"))
+        if any(k in changes for k in _LEGACY):
+            changes["targets"], changes["tracking"] = _policies(changes, self.targets,
+                                                                changes.pop("tracking", self.tracking))
         return replace(self, **changes)
 
     def config(self) -> str:
@@ -144,11 +306,11 @@ class Result:
     """Per-example outcome of :func:`run` (all tensors on the input's device, length B).
 
     ``x_adv``: the chosen point (inside the threat set); ``success``: it is misclassified (strict margin
-    > 0; always False for ``goal="maximize"``); ``value``: the objective there; ``margin``: the untargeted
+    > 0; always False without evasion); ``value``: the objective there; ``margin``: the untargeted
     margin there; ``logits``: the model's logits there; ``run``: index of the run that produced it
-    (-1: the clean input itself); ``steps``: gradient steps spent on the example over all runs;
-    ``target``: the target class of the chosen run (-1 if untargeted); ``forward_rows``: number of
-    example-forward passes the attack made (clean pass included).
+    (-1: the clean input itself); ``steps``: steps spent on the example over all runs; ``target``: the
+    target class of the chosen run (-1 if untargeted); ``forward_rows``: number of example-forward
+    passes the attack made (clean pass included).
     """
 
     x_adv: torch.Tensor
@@ -163,83 +325,10 @@ class Result:
     forward_rows: int = 0
 
 
-@dataclass
-class _Best:
-    """Best point found so far per example (global) or per active row (a run's local copy).
-
-    Within a run the local copy is updated with ``torch.where`` (one pass over the batch per step);
-    rows are written back to the global copy when they leave the active batch or the run ends.
-    ``score`` ranks candidates: the untargeted margin for evasion (so multi-targeted picks its copy by
-    the untargeted margin, ALGORITHMS §4.3), the objective for ``goal="maximize"``.
-    """
-
-    x: torch.Tensor
-    logits: torch.Tensor
-    margin: torch.Tensor
-    value: torch.Tensor
-    score: torch.Tensor
-    success: torch.Tensor
-    run: torch.Tensor
-    target: torch.Tensor
-    steps: torch.Tensor
-
-    @classmethod
-    def initial(cls, x, z0, margin0, misclassify):
-        n, dev = x.shape[0], x.device
-        return cls(
-            x=x.clone(), logits=z0.clone(), margin=margin0.clone(),
-            value=torch.full((n,), float("nan"), device=dev, dtype=margin0.dtype),
-            score=torch.full((n,), float("-inf"), device=dev, dtype=margin0.dtype),
-            success=(margin0 > 0) if misclassify else torch.zeros(n, dtype=torch.bool, device=dev),
-            run=torch.full((n,), -1, dtype=torch.long, device=dev),
-            target=torch.full((n,), -1, dtype=torch.long, device=dev),
-            steps=torch.zeros(n, dtype=torch.long, device=dev),
-        )
-
-    def gather(self, rows) -> "_Best":
-        """A local copy for ``rows`` (its ``steps`` count this run only)."""
-        local = _Best(*(getattr(self, f.name)[rows] for f in fields(self)))
-        local.steps = torch.zeros_like(local.steps)
-        return local
-
-    def select(self, keep) -> "_Best":
-        return _Best(*(getattr(self, f.name)[keep] for f in fields(self)))
-
-    def scatter(self, rows, local: "_Best", which=None) -> None:
-        """Write the local rows (all, or those where ``which``) back to the global copy."""
-        if which is not None:
-            idx = which.nonzero()[:, 0]
-            rows, local = rows[idx], local.select(idx)
-        for f in fields(self):
-            if f.name == "steps":
-                self.steps[rows] += local.steps
-            else:
-                getattr(self, f.name)[rows] = getattr(local, f.name)
-
-    def update(self, mask, xa, z, val, mg, by_margin, j, tgt) -> None:
-        """Take the current iterate where ``mask``."""
-        col = mask.view(-1, *([1] * (xa.ndim - 1)))
-        self.x = torch.where(col, xa, self.x)
-        self.logits = torch.where(mask[:, None], z, self.logits)
-        self.margin = torch.where(mask, mg, self.margin)
-        self.value = torch.where(mask, val, self.value)
-        self.score = torch.where(mask, mg if by_margin else val, self.score)
-        self.run = torch.where(mask, j, self.run)
-        if tgt is not None:
-            self.target = torch.where(mask, tgt, self.target)
+# ------------------------------------------------------------------------------------------------ run
 
 
-def _plan(attack: Attack, num_classes: int) -> tuple[list[tuple[int, int | None]], int]:
-    """The runs as (restart, target slot) pairs, and the number of target slots K."""
-    if attack.targets != "ranked":
-        return [(r, None) for r in range(attack.restarts)], 0
-    k = min(attack.num_targets or num_classes - 1, num_classes - 1)
-    if attack.all_targets:
-        return [(r, s) for r in range(attack.restarts) for s in range(k)], k
-    return [(r, r % k) for r in range(attack.restarts)], k
-
-
-def _check_mode(model: torch.nn.Module, allow_train_mode: bool) -> None:
+def _check_mode(model, allow_train_mode: bool) -> None:
     if allow_train_mode or not isinstance(model, torch.nn.Module):
         return
     if any(m.training for m in model.modules()):
@@ -249,9 +338,56 @@ def _check_mode(model: torch.nn.Module, allow_train_mode: bool) -> None:
         )
 
 
+def _check_inputs(attack: Attack, x, y, ids):
+    x = x.detach()
+    y = y.detach().to(x.device).long()
+    n = x.shape[0]
+    ids = torch.arange(n) if ids is None else torch.as_tensor(ids).long().cpu()
+    if ids.shape[0] != n or y.shape[0] != n:
+        raise ValueError("x, y and ids must have the same length")
+    lo, hi = attack.threat.bounds
+    if n and (x.min() < lo or x.max() > hi):
+        raise ValueError(f"inputs must lie in the threat model's box {attack.threat.bounds}; got values in "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}] (normalise inside the model)")
+    return x, y, ids
+
+
+def _clean_logits(model, x, ids) -> torch.Tensor:
+    with torch.no_grad():
+        z0 = model(x).detach()
+    if z0.ndim != 2 or z0.shape[0] != x.shape[0]:
+        raise ValueError(f"the model must return logits of shape [batch, classes]; got {tuple(z0.shape)}")
+    bad = ~torch.isfinite(z0).all(1)
+    if bool(bad.any()):
+        raise NonFiniteLogits("the model returned non-finite logits (NaN or inf) on the clean inputs, first "
+                              f"for example id {int(ids[bad.cpu()][0])}", ids[bad.cpu()])
+    return z0
+
+
+@dataclass
+class _Rows:
+    """The active rows of one trial and everything indexed by them (dropped together on compaction)."""
+
+    act: torch.Tensor
+    xs: torch.Tensor
+    ys: torch.Tensor
+    x: torch.Tensor
+    box: tuple[torch.Tensor, torch.Tensor]
+    aux: dict
+    target: torch.Tensor | None
+    state: object
+    best: _Best
+
+    def keep(self, keep: torch.Tensor) -> _Rows:
+        return _Rows(self.act[keep], self.xs[keep], self.ys[keep], self.x[keep],
+                     (self.box[0][keep], self.box[1][keep]), {k: v[keep] for k, v in self.aux.items()},
+                     None if self.target is None else self.target[keep], select(self.state, keep),
+                     self.best.select(keep))
+
+
 def run(
     attack: Attack,
-    model: Callable[[torch.Tensor], torch.Tensor],
+    model,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -260,7 +396,7 @@ def run(
     aux: dict | None = None,
     compact: bool = True,
     allow_train_mode: bool = False,
-    on_run: Callable[[int, int, int], None] | None = None,
+    on_run=None,
 ) -> Result:
     """Run ``attack`` on the batch ``(x, y)`` and return the per-example :class:`Result`.
 
@@ -272,121 +408,75 @@ def run(
     Algorithm: ALGORITHMS.md §3 (shared PGD engine) with the project decisions 3-7 and §4 for targets.
     """
     _check_mode(model, allow_train_mode)
-    threat, objective, opt = attack.threat, attack.objective, attack.optimizer
-    x = x.detach()
-    y = y.detach().to(x.device).long()
-    n = x.shape[0]
-    ids = torch.arange(n) if ids is None else torch.as_tensor(ids).long().cpu()
-    if ids.shape[0] != n or y.shape[0] != n:
-        raise ValueError("x, y and ids must have the same length")
-    lo, hi = threat.bounds
-    if n and (x.min() < lo or x.max() > hi):
-        raise ValueError(f"inputs must lie in the threat model's box {threat.bounds}; got values in "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}] (normalise inside the model)")
-    misclassify = attack.goal == "misclassify"
-
-    with torch.no_grad():
-        z0 = model(x).detach()
-    if z0.ndim != 2 or z0.shape[0] != n:
-        raise ValueError(f"the model must return logits of shape [batch, classes]; got {tuple(z0.shape)}")
-    clean_bad = ~torch.isfinite(z0).all(1)
-    if bool(clean_bad.any()):
-        raise NonFiniteLogits("the model returned non-finite logits (NaN or inf) on the clean inputs, first "
-                              f"for example id {int(ids[clean_bad.cpu()][0])}", ids[clean_bad.cpu()])
-    forward_rows = n
-    num_classes = z0.shape[1]
-    margin0 = margin_of(z0, y)
-
+    x, y, ids = _check_inputs(attack, x, y, ids)
+    n, track = x.shape[0], attack.tracking
+    z0 = _clean_logits(model, x, ids)
+    counter = {"rows": n, "nonfinite": torch.zeros(n, dtype=torch.bool, device=x.device)}
     aux = {k: torch.as_tensor(v).to(x.device) for k, v in (aux or {}).items()}
-    if hasattr(objective, "prepare"):
-        before = set(aux)
-        aux = objective.prepare(model, x, y, aux)
-        forward_rows += n if set(aux) != before else 0
-    runs, k_targets = _plan(attack, num_classes)
-    ranked = None
-    if attack.targets == "ranked":
-        others = z0.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf"))
-        ranked = torch.sort(others, dim=1, descending=True, stable=True).indices[:, :k_targets]
-    elif attack.targets == "random":
-        offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g))
-                             for g in generators(seed, ids.tolist(), TARGET_STREAM)], dtype=torch.long)
-        aux["target"] = (y + offs.to(x.device)) % num_classes
-
-    best = _Best.initial(x, z0, margin0, misclassify)
-    seen = torch.zeros(n, dtype=torch.bool, device=x.device)
-    nonfinite = torch.zeros(n, dtype=torch.bool, device=x.device)  # checked once at the end: no sync
-    margin_is_objective = isinstance(objective, Margin) and objective.clip is None
-    needs_delta = getattr(objective, "needs_delta", True)
-
-    for j, (_, slot) in enumerate(runs):
-        act = (~best.success).nonzero()[:, 0] if misclassify else torch.arange(n, device=x.device)
+    prepared = attack.objective.prepare(model, x, y, aux)
+    counter["rows"] += n if set(prepared) != set(aux) else 0
+    num_classes = z0.shape[1]
+    trials = attack.targets.trials(attack.restarts, num_classes)
+    targets = attack.targets.assign(z0, y, ids, seed, num_classes)
+    best = _Best.initial(x, z0, margin_of(z0, y), track.evades)
+    for j, (_, slot) in enumerate(trials):
+        act = (~best.success).nonzero()[:, 0] if track.evades else torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
-        xs, ys = x[act], y[act]
-        aux_a = {k: v[act] for k, v in aux.items()}
-        if ranked is not None:
-            aux_a["target"] = ranked[act, slot]
-        tgt = aux_a.get("target")
-        box = threat.box(xs)
-        xa = threat.sample(xs, generators(seed, ids[act.cpu()].tolist(), j)) if attack.random_start \
-            else xs.clone()
-        state = opt.init(xa)
-        local = best.gather(act)
-        for step in range(attack.steps + 1):
-            last = step == attack.steps
-            with torch.enable_grad() if not last else torch.no_grad():
-                leaf = xa.detach().requires_grad_(not last)
-                z = model(leaf)
-                val = objective(z, ys, leaf - xs if needs_delta else None, aux_a)
-                grad = None if last else torch.autograd.grad(val.sum(), leaf)[0]
-            forward_rows += act.numel()
-            z, val = z.detach(), val.detach()
-            nonfinite[act] |= ~torch.isfinite(z).all(1)
-            mg = val if margin_is_objective else margin_of(z, ys)
-            xa = leaf.detach()
-            solved = None
-            if attack.final_iterate:
-                if last:
-                    first = ~seen[act]
-                    keep = first | (mg > 0) if misclassify else first | (val > local.score)
-                    local.update(keep, xa, z, val, mg, misclassify, j, tgt)
-                    seen[act] = True
-                    if misclassify:
-                        local.success |= mg > 0
-            elif misclassify:
-                solved = (mg > 0) & ~local.success
-                local.update(solved | ((mg > local.score) & ~local.success), xa, z, val, mg, True, j, tgt)
-                local.success |= solved
-            else:
-                local.update(val > local.score, xa, z, val, mg, False, j, tgt)
-            if last:
-                break
-            local.steps += 1
-            upd, state = opt.update(grad, state, attack.schedule(step, attack.steps, threat.eps))
-            xa = threat.project(xa + upd, xs, box)
-            if compact and solved is not None and bool(solved.any()):
-                best.scatter(act, local, solved)
-                keep = (~solved).nonzero()[:, 0]
-                act, xs, ys, xa, local = act[keep], xs[keep], ys[keep], xa[keep], local.select(keep)
-                box = (box[0][keep], box[1][keep])
-                aux_a = {k: v[keep] for k, v in aux_a.items()}
-                tgt = aux_a.get("target")
-                state = select(state, keep)
-                if act.numel() == 0:
-                    break
-        best.scatter(act, local)
+        xs = x[act]
+        start = attack.threat.sample(xs, generators(seed, ids[act.cpu()].tolist(), j)) \
+            if attack.random_start else xs.clone()
+        rows = _Rows(act, xs, y[act], start, attack.threat.box(xs), {k: v[act] for k, v in prepared.items()},
+                     None if slot is None else targets[act, slot], attack.optimizer.init(start),
+                     best.gather(act))
+        rows = _ascend(attack, model, rows, j, compact, best, counter)
+        best.scatter(rows.act, rows.best)
         if on_run is not None:
-            on_run(j, len(runs), int((~best.success).sum()))
+            on_run(j, len(trials), int((~best.success).sum()))
+    return _result(attack, x, ids, z0, best, counter)
 
-    if bool(nonfinite.any()):
-        bad = ids[nonfinite.cpu()]
-        raise NonFiniteLogits(f"the model returned non-finite logits (NaN or inf) at {len(bad)} example(s)' "
-                              f"points inside the threat set, first for example id {int(bad[0])}", bad)
-    best_x, success = best.x, best.success
-    if n and not bool(threat.contains(best_x, x).all()):
+
+def _ascend(attack: Attack, model, rows: _Rows, j: int, compact: bool, best: _Best, counter: dict) -> _Rows:
+    """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked."""
+    obj, opt, threat = attack.objective, attack.optimizer, attack.threat
+    for step in range(attack.steps + 1):
+        last = step == attack.steps
+        grad_on = opt.uses_gradient and not last
+        with torch.enable_grad() if grad_on else torch.no_grad():
+            leaf = rows.x.detach().requires_grad_(grad_on)
+            z = model(leaf)
+            data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
+            val = obj(z, rows.ys, leaf - rows.xs if obj.needs_delta else None, data)
+            grad = torch.autograd.grad(val.sum(), leaf)[0] if grad_on else None
+        counter["rows"] += rows.act.numel()
+        z, val = z.detach(), val.detach()
+        counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1)
+        it = _Iterate(leaf.detach(), z, val, obj.untargeted_margin(z, rows.ys, val), j, rows.target)
+        solved = attack.tracking.observe(rows.best, it, last)
+        if last:
+            break
+        rows.best.steps += 1
+        lr = attack.schedule(step, attack.steps, threat.eps)
+        proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
+        rows.x = threat.project(proposal, rows.xs, rows.box)
+        if compact and solved is not None and bool(solved.any()):
+            best.scatter(rows.act, rows.best, solved)
+            rows = rows.keep((~solved).nonzero()[:, 0])
+            if rows.act.numel() == 0:
+                break
+    return rows
+
+
+def _result(attack: Attack, x, ids, z0, best: _Best, counter: dict) -> Result:
+    bad = counter["nonfinite"]
+    if bool(bad.any()):
+        bad_ids = ids[bad.cpu()]
+        raise NonFiniteLogits(f"the model returned non-finite logits (NaN or inf) at {len(bad_ids)} "
+                              f"example(s)' points inside the threat set, first for example id "
+                              f"{int(bad_ids[0])}", bad_ids)
+    if x.shape[0] and not bool(attack.threat.contains(best.x, x).all()):
         raise RuntimeError("internal error: an attack iterate left the threat set")
-    return Result(
-        x_adv=best_x, success=success if misclassify else torch.zeros_like(success),
-        value=best.value, margin=best.margin, logits=best.logits, run=best.run, steps=best.steps,
-        target=best.target, clean_logits=z0, forward_rows=forward_rows,
-    )
+    success = best.success if attack.tracking.evades else torch.zeros_like(best.success)
+    return Result(x_adv=best.x, success=success, value=best.value, margin=best.margin, logits=best.logits,
+                  run=best.run, steps=best.steps, target=best.target, clean_logits=z0,
+                  forward_rows=counter["rows"])

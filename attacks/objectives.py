@@ -23,6 +23,20 @@ def per_example_cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z, y, reduction="none")
 
 
+class ObjectiveBase:
+    """Defaults of the :class:`~attacks.protocols.Objective` interface: the perturbation is passed, no
+    target is needed, nothing is prepared, and the margin is computed from the logits."""
+
+    needs_delta = True
+    needs_target = False
+
+    def prepare(self, model, x, y, aux):
+        return aux
+
+    def untargeted_margin(self, z, y, value):
+        return margin_of(z, y)
+
+
 def _other_max(z: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """max_{j ≠ cls} z_j per row."""
     mask = F.one_hot(cls, z.shape[1]).bool()
@@ -35,7 +49,7 @@ def margin_of(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Margin:
+class Margin(ObjectiveBase):
     """Untargeted margin ``max_{j≠y} z_j − z_y`` (IBP ``UntargetedPGDAttack``; unclipped).
 
     ``clip`` caps it from above (LLR-DM's monitoring attack uses ``min(M, 30)``).
@@ -49,9 +63,12 @@ class Margin:
         m = margin_of(z, y)
         return m.clamp(max=self.clip) if self.clip is not None else m
 
+    def untargeted_margin(self, z, y, value):
+        return value if self.clip is None else margin_of(z, y)  # unclipped, the value is the margin
+
 
 @dataclass(frozen=True)
-class CrossEntropy:
+class CrossEntropy(ObjectiveBase):
     """Cross-entropy ``−log softmax(z)_y`` (IBP's "Xent" variants)."""
 
     name = "cross-entropy"
@@ -62,7 +79,7 @@ class CrossEntropy:
 
 
 @dataclass(frozen=True)
-class TargetedMargin:
+class TargetedMargin(ObjectiveBase):
     """Pair margin ``z_t − z_y`` towards ``aux["target"]`` (IBP ``MultiTargetedPGDAttack``)."""
 
     name = "targeted-margin"
@@ -75,7 +92,7 @@ class TargetedMargin:
 
 
 @dataclass(frozen=True)
-class MostLikelyTarget:
+class MostLikelyTarget(ObjectiveBase):
     """``z_t − max_{j≠t} z_j``: make ``t`` the arg-max (IBP ``RandomMostLikelyPGDAttack``)."""
 
     name = "most-likely-target"
@@ -88,7 +105,7 @@ class MostLikelyTarget:
 
 
 @dataclass(frozen=True)
-class LinearityGap:
+class LinearityGap(ObjectiveBase):
     """The local-linearity gap ``g(δ; x) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|``.
 
     Qin et al. 2019, Eq. (5); γ(ε, x) = max_{δ∈B(ε)} g(δ; x). ℓ is the per-example ``loss(logits, y)``,

@@ -26,12 +26,26 @@ class SignState(NamedTuple):
 
 
 def select(state, index: torch.Tensor):
-    """The state restricted to rows ``index`` (tensor fields are indexed, scalars kept)."""
-    return type(state)(*[f[index] if isinstance(f, torch.Tensor) else f for f in state])
+    """The state restricted to rows ``index``: tensor fields are indexed, lists (one object per row, e.g.
+    per-example generators) are picked from, scalars are kept."""
+    rows = index.tolist() if any(isinstance(f, list) for f in state) else None
+    return type(state)(*[f[index] if isinstance(f, torch.Tensor) else [f[i] for i in rows]
+                         if isinstance(f, list) else f for f in state])
+
+
+class GradientStep:
+    """The :class:`~attacks.protocols.Optimizer` ``step`` of an ``(init, update)`` gradient rule:
+    ``x + update(grad)`` (the engine projects it)."""
+
+    uses_gradient = True
+
+    def step(self, x, grad, value, state, lr):
+        update, state = self.update(grad, state, lr)
+        return x + update, state
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(GradientStep):
     """Adam on the perturbation: β = (0.9, 0.999), ε = 1e-9, bias-corrected, fresh state per restart.
 
     DeepMind's ``UnrolledAdam`` (IBP ``attacks.py``; LLR supplementary F.1: "we do the update steps
@@ -62,7 +76,7 @@ class Adam:
 
 
 @dataclass(frozen=True)
-class Sign:
+class Sign(GradientStep):
     """Signed-gradient steps ``lr · sign(∇)`` (FGSM / BIM; Goodfellow et al. 2015, FGSM-20 in F.1)."""
 
     name = "sign"

@@ -21,9 +21,10 @@ import re
 from typing import Callable
 
 from . import objectives as O
-from .engine import Attack
+from .engine import Attack, Evasion, FinalIterate, Maximize
 from .optimizers import Adam, Sign, adam, sign
 from .schedules import Piecewise, constant, paper_decay
+from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import LinfBall
 
 
@@ -35,14 +36,14 @@ def untargeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
 def random_targeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
     """Random-Targeted: one random wrong class per example shared by its 20 restarts (LLR F.1, IBP)."""
     return Attack("random-targeted", O.MostLikelyTarget(), adam(), paper_decay(0.1), LinfBall(eps, bounds),
-                  200, 20, targets="random")
+                  200, 20, targets=RandomTarget())
 
 
 def multi_targeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
     """MultiTargeted (Gowal et al. 2019) as in the LLR paper: z_t − z_y, Adam 0.1, 200 steps, 20 restarts
     cycling round-robin over the wrong classes ranked by clean margin (project decision 7)."""
     return Attack("multi-targeted", O.TargetedMargin(), adam(), constant(0.1), LinfBall(eps, bounds),
-                  200, 20, targets="ranked")
+                  200, 20, targets=RankedTargets())
 
 
 def fgsm20(eps: float, bounds=(0.0, 1.0)) -> Attack:
@@ -58,7 +59,7 @@ def pgd(eps: float, steps: int = 50, bounds=(0.0, 1.0)) -> Attack:
 def local_linearity(eps: float, bounds=(0.0, 1.0), grad_mode: str = "deepmind") -> Attack:
     """The γ(ε, x) search: maximise g(δ; x) with 50 Adam steps of size 0.1 (LLR F.4, ALGORITHMS §5)."""
     return Attack("local-linearity", O.LinearityGap(grad_mode), adam(), constant(0.1), LinfBall(eps, bounds),
-                  50, 1, goal="maximize")
+                  50, 1, tracking=Maximize())
 
 
 Builder = Callable[..., Attack]
@@ -129,7 +130,8 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
 
     ``step_size`` sets the first value of the schedule, keeping its shape (``relative_step=True``: in
     units of ε). ``objective`` may be an objective or its name. Other keyword arguments replace
-    :class:`Attack` fields (``targets``, ``num_targets``, ``all_targets``, ``final_iterate``, ...).
+    :class:`Attack` fields (``targets``, ``tracking``; or the flag spelling ``targets="ranked"``,
+    ``num_targets``, ``all_targets``, ``goal``, ``final_iterate``).
     """
     key = name.strip().lower().replace("_", "-")
     key = re.sub(r"^pgd(\d+)$", r"pgd-\1", _SPELLINGS.get(key, key))
@@ -152,7 +154,9 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
 # What a stored configuration may name: these types, and these functions by qualified name. Nothing
 # else is ever constructed or looked up, so reading a configuration runs no code.
 _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin,
-                                         O.MostLikelyTarget, O.LinearityGap, Adam, Sign, Piecewise, LinfBall)}
+                                         O.MostLikelyTarget, O.LinearityGap, Adam, Sign, Piecewise, LinfBall,
+                                         Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
+                                         FinalIterate)}
 _CONFIG_FUNCTIONS = {f"{f.__module__}.{f.__qualname__}": f for f in (O.per_example_cross_entropy,)}
 
 

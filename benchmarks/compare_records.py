@@ -6,7 +6,8 @@
 ``run`` is the fixed workload of issue 9: ``robusteval attack -m zoo:fmnist-adv2 -a untargeted
 -a multi-targeted -a fgsm-20 --n 200 --restarts 2 --steps 40`` and ``robusteval gamma`` on two zoo
 models (first 200 test images). ``diff`` compares every per-example value exactly (floats bit for bit,
-as text), except wall-time columns; columns renamed between versions are mapped (γ's ``id``/``pred``
+as text), except wall-time columns and the configuration text (its spelling may change; shown when it
+does); columns renamed between versions are mapped (γ's ``id``/``pred``
 became ``example_id``/``clean_pred``), and a column present on one side only is listed, not compared.
 Exit status 0 when identical, 1 otherwise.
 """
@@ -24,6 +25,8 @@ ATTACK = ["attack", "-m", "zoo:fmnist-adv2", "-a", "untargeted", "-a", "multi-ta
 GAMMA = ["gamma", "-m", "zoo:fmnist-adv2", "-m", "zoo:fmnist-llr2", "--n", "200", "--eps", "0.1",
          "--device", "cpu"]
 TIMING = {"seconds"}
+#: Descriptions of the run, not results: a change of their spelling is reported, not counted as a difference.
+DESCRIPTIONS = {"attack_config"}
 RENAMED = {"id": "example_id", "pred": "clean_pred"}
 KEYS = {"records.csv": ["model", "attack", "eps", "example_id"], "gamma.csv": ["model", "example_id"]}
 
@@ -45,7 +48,11 @@ def diff(a: Path, b: Path) -> int:
     for rel in ("attack/records.csv", "gamma/gamma.csv"):
         x, y = _load(a / rel), _load(b / rel)
         only = sorted(set(x.columns) ^ set(y.columns))
-        common = [c for c in x.columns if c in y.columns and c not in TIMING]
+        common = [c for c in x.columns if c in y.columns and c not in TIMING | DESCRIPTIONS]
+        for c in sorted(DESCRIPTIONS & set(x.columns) & set(y.columns)):
+            if not x[c].equals(y[c]):
+                print(f"{rel}: the text of {c} changed (a description, not a result), e.g.\n"
+                      f"  before: {x[c].iloc[0]}\n  after:  {y[c].iloc[0]}")
         if len(x) != len(y):
             print(f"{rel}: {len(x)} rows vs {len(y)}")
             bad += 1

@@ -83,7 +83,7 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class TradesKL:
+class TradesKL(attacks.ObjectiveBase):
     """TRADES' inner objective ``KL(p(x) ‖ p(x'))`` per example (Zhang et al. 2019, Eq. 5), maximised.
 
     Same call signature as the engine's objectives; the clean probabilities come in ``aux["p_clean"]``
