@@ -134,6 +134,18 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _write_rows(f, rows: Iterable[dict], schema: Schema, header: bool) -> None:
+    """CSV rows of ``schema`` (its header first if ``header``); floats exact; a missing column is an error."""
+    writer = csv.writer(f)
+    if header:
+        writer.writerow(schema.columns)
+    for row in rows:
+        missing = set(schema.columns) - set(row)
+        if missing:
+            raise ValueError(f"{schema.kind[:-1]} is missing columns {sorted(missing)}")
+        writer.writerow([_cell(row[c]) for c in schema.columns])
+
+
 def _header(path: Path) -> tuple[str, ...] | None:
     """The first line of ``path`` as CSV fields (``None`` for an empty file or one that is not text)."""
     with open(path, "rb") as f:
@@ -177,14 +189,7 @@ def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     if not new:
         _repair_tail(path)
     with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(COLUMNS)
-        for row in rows:
-            missing = set(COLUMNS) - set(row)
-            if missing:
-                raise ValueError(f"record is missing columns {sorted(missing)}")
-            writer.writerow([_cell(row[c]) for c in COLUMNS])
+        _write_rows(f, rows, RECORDS, header=new)
         f.flush()
         os.fsync(f.fileno())
     return len(rows)
@@ -412,13 +417,7 @@ def write_gamma(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     path = Path(path)
     output_dir(path.parent)
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(GAMMA_COLUMNS)
-    for row in rows:
-        missing = set(GAMMA_COLUMNS) - set(row)
-        if missing:
-            raise ValueError(f"γ record is missing columns {sorted(missing)}")
-        writer.writerow([_cell(row[c]) for c in GAMMA_COLUMNS])
+    _write_rows(buf, rows, GAMMA, header=True)
     path.write_text(buf.getvalue(), encoding="utf-8")
     return path
 
