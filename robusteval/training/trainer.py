@@ -363,6 +363,117 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
                       on_step=on_step)
 
 
+class _Checkpointer:
+    """The resumable state of a training run — model, optimizer, position, running sums, history — and
+    how it is written (:func:`save_checkpoint`, every epoch end and on interrupt) and read back."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, model: nn.Module, arch_kwargs: dict, opt,
+                 steps_per_epoch: int):
+        self.cfg, self.out, self.model, self.arch_kwargs, self.opt = cfg, out, model, arch_kwargs, opt
+        self.steps_per_epoch = steps_per_epoch
+        self.position = {"epoch": 0, "step_in_epoch": 0}
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.history: list[dict] = []
+        self.mutating = False  # True inside a step: the model has moved past the recorded position
+
+    def restore(self) -> None:
+        """Continue the run saved at ``out``: weights, optimizer, global RNG, position, sums, history."""
+        ckpt = _load_resume(self.out)
+        state = ckpt["extra"]["resume"]
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.position = {"epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"])}
+        self.history = list((ckpt.get("metrics") or {}).get("epochs", []))
+        self.sums = dict(state.get("sums", self.sums))
+
+    def metrics(self) -> dict:
+        m = {"epochs": self.history}
+        if self.history:
+            last = self.history[-1]
+            m.update({k: last[k] for k in ("clean_acc", "pgd_acc", "eval_n", "eval_attack", "eval_eps")
+                      if k in last})
+        return m
+
+    def save(self, finished: bool = False) -> None:
+        from robusteval.models import save_checkpoint
+
+        p = self.position
+        resume_state = {
+            **p,
+            "global_step": p["epoch"] * self.steps_per_epoch + p["step_in_epoch"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "rng": {"torch": torch.get_rng_state()},
+            "sums": dict(self.sums),
+            "finished": finished,
+        }
+        save_checkpoint(self.out, self.model, self.cfg.arch, self.arch_kwargs, self.cfg.dataset,
+                        training=self.cfg.as_dict(), metrics=self.metrics(), extra={"resume": resume_state})
+
+    def interrupted(self, echo) -> None:
+        """On Ctrl-C: save at a step boundary; inside a step keep the last good checkpoint (the batch-norm
+        buffers and maybe the parameters have moved, so that state could not be resumed exactly)."""
+        if self.mutating:
+            echo(f"interrupted mid-step; {self.out} keeps the last saved state" if self.out.exists()
+                 else "interrupted mid-step before the first checkpoint; nothing saved")
+            return
+        self.save()
+        echo(f"interrupted at epoch {self.position['epoch'] + 1}, step {self.position['step_in_epoch']}: "
+             f"saved {self.out}; add --resume to continue")
+
+
+def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train_ds, order, epoch: int,
+                i: int, device) -> tuple[float, int, float, dict]:
+    """One optimisation step on batch ``i`` of ``epoch``: ``(loss, correct, ε, parts)``; updates the sums
+    and the position (the model/optimizer mutate while ``ck.mutating``)."""
+    from robusteval.data import augment_crop_flip
+
+    t = epoch * ck.steps_per_epoch + i
+    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+    x, y, ids = train_ds.images[idx], train_ds.labels[idx], train_ds.ids[idx]
+    if cfg.augment:
+        x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, _TAG_AUG)))
+    x, y = x.to(device), y.to(device)
+    eps_t = eps_at(cfg, t, ck.steps_per_epoch)
+    ck.mutating = True
+    res = compute_loss(loss_cfg, ck.model, x, y, eps=eps_t, ids=ids, seed=_seed(cfg, t, _TAG_ATTACK))
+    ck.opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    ck.opt.step()
+    loss_value = float(res.loss.detach())
+    correct = int((res.logits.detach().argmax(1) == y).sum())
+    ck.sums["loss"] += loss_value * len(y)
+    ck.sums["correct"] += correct
+    ck.sums["seen"] += len(y)
+    ck.position.update(epoch=epoch, step_in_epoch=i + 1)
+    ck.mutating = False
+    return loss_value, correct, eps_t, res.parts
+
+
+def _end_of_epoch(cfg: TrainConfig, ck: _Checkpointer, heldout, epoch: int, lr: float, started: float,
+                  device) -> str:
+    """Held-out check, history record, checkpoint; returns the epoch's summary line."""
+    sums = ck.sums
+    last_eps = eps_at(cfg, (epoch + 1) * ck.steps_per_epoch - 1, ck.steps_per_epoch)
+    record = {"epoch": epoch + 1, "lr": lr, "train_eps": last_eps,
+              "train_loss": sums["loss"] / max(sums["seen"], 1),
+              "train_acc": sums["correct"] / max(sums["seen"], 1),
+              "train_seconds": time.perf_counter() - started}
+    if heldout is not None and len(heldout):
+        record.update(heldout_check(ck.model, heldout, cfg.eps, steps=cfg.eval_steps,
+                                    seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
+    ck.history.append(record)
+    ck.position.update(epoch=epoch + 1, step_in_epoch=0)
+    ck.save(finished=epoch + 1 == cfg.epochs)
+    summary = (f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+               f"train acc {record['train_acc']:.1%}  ε {record['train_eps']:.4f}")
+    if "clean_acc" in record:
+        summary += (f"  held-out clean {record['clean_acc']:.1%}  "
+                    f"PGD-{cfg.eval_steps}@{cfg.eps:.4g} {record['pgd_acc']:.1%} (n={record['eval_n']})")
+    return summary
+
+
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: bool, progress: bool,
            on_step: Callable[[StepInfo], None] | None) -> dict:
     """Train ``cfg`` and write the checkpoint ``out`` (every epoch end and on interrupt); return metrics.
@@ -383,8 +494,6 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
         TimeRemainingColumn,
     )
 
-    from robusteval.data import augment_crop_flip
-    from robusteval.models import save_checkpoint
     from robusteval.progress import make as make_progress
 
     out = Path(out)
@@ -394,67 +503,34 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
     steps_per_epoch = len(train_ds) // cfg.batch_size  # drop_last: batch statistics need full batches
     if steps_per_epoch < 1:
         raise UserError(f"{len(train_ds)} training images is less than one batch of {cfg.batch_size}")
-
     torch.manual_seed(cfg.seed)  # weight initialisation (the global RNG is forked by train())
     model, arch_kwargs = build_model(cfg, train_ds)
     model.to(device)
-    opt = make_optimizer(model, cfg)
-    loss_cfg = cfg.loss_config()
-    start_epoch, start_step, history = 0, 0, []
-    sums = {"loss": 0.0, "correct": 0, "seen": 0}
+    ck = _Checkpointer(cfg, out, model, arch_kwargs, make_optimizer(model, cfg), steps_per_epoch)
     if resume:
-        ckpt = _load_resume(out)
-        state = ckpt["extra"]["resume"]
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_epoch, start_step = int(state["epoch"]), int(state["step_in_epoch"])
-        history = list((ckpt.get("metrics") or {}).get("epochs", []))
-        sums = dict(state.get("sums", sums))
+        ck.restore()
+    start_epoch, start_step = ck.position["epoch"], ck.position["step_in_epoch"]
+    loss_cfg = cfg.loss_config()
     console = Console(stderr=True)
     echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True, markup=False)
     for note in schedule_notes(cfg):
         echo(f"note: {note}")
-    position = {"epoch": start_epoch, "step_in_epoch": start_step}
-
-    def metrics() -> dict:
-        m = {"epochs": history}
-        if history:
-            last = history[-1]
-            m.update({k: last[k] for k in ("clean_acc", "pgd_acc", "eval_n", "eval_attack", "eval_eps")
-                      if k in last})
-        return m
-
-    def save(finished: bool = False) -> None:
-        resume_state = {
-            **position,
-            "global_step": position["epoch"] * steps_per_epoch + position["step_in_epoch"],
-            "steps_per_epoch": steps_per_epoch,
-            "optimizer": _to_cpu(opt.state_dict()),
-            "rng": {"torch": torch.get_rng_state()},
-            "sums": dict(sums),
-            "finished": finished,
-        }
-        save_checkpoint(out, model, cfg.arch, arch_kwargs, cfg.dataset, training=cfg.as_dict(),
-                        metrics=metrics(), extra={"resume": resume_state})
-
     if start_epoch >= cfg.epochs:
         echo(f"{out}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
-        return metrics()
+        return ck.metrics()
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    in_step = False
     bar = make_progress(*columns, console=console, disable=not progress)
     with _DeferredInterrupt(echo) as interrupt, bar:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 lr = lr_at(cfg, epoch)
-                for group in opt.param_groups:
+                for group in ck.opt.param_groups:
                     group["lr"] = lr
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
-                    sums = {"loss": 0.0, "correct": 0, "seen": 0}
+                    ck.sums = {"loss": 0.0, "correct": 0, "seen": 0}
                 order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
                     _seed(cfg, epoch, _TAG_ORDER)))
                 task = bar.add_task(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
@@ -462,68 +538,25 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
                 started = time.perf_counter()
                 model.train()
                 for i in range(first, steps_per_epoch):
-                    t = epoch * steps_per_epoch + i
-                    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                    x, y, ids = train_ds.images[idx], train_ds.labels[idx], train_ds.ids[idx]
-                    if cfg.augment:
-                        x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, _TAG_AUG)))
-                    x, y = x.to(device), y.to(device)
-                    eps_t = eps_at(cfg, t, steps_per_epoch)
-                    in_step = True  # from here until the position update the model/optimizer mutate
-                    res = compute_loss(loss_cfg, model, x, y, eps=eps_t, ids=ids,
-                                       seed=_seed(cfg, t, _TAG_ATTACK))
-                    opt.zero_grad(set_to_none=True)
-                    res.loss.backward()
-                    opt.step()
-                    loss_value = float(res.loss.detach())
-                    correct = int((res.logits.detach().argmax(1) == y).sum())
-                    sums["loss"] += loss_value * len(y)
-                    sums["correct"] += correct
-                    sums["seen"] += len(y)
-                    position.update(epoch=epoch, step_in_epoch=i + 1)
-                    in_step = False
-                    avg, acc = sums["loss"] / sums["seen"], sums["correct"] / sums["seen"]
+                    loss_value, correct, eps_t, parts = _train_step(cfg, loss_cfg, ck, train_ds, order,
+                                                                    epoch, i, device)
+                    avg, acc = ck.sums["loss"] / ck.sums["seen"], ck.sums["correct"] / ck.sums["seen"]
                     info = f"loss {avg:.4f}  acc {acc:.1%}  ε {eps_t:.4f}  lr {lr:g}"
                     bar.update(task, advance=1, info=info)
                     if on_step is not None:
-                        on_step(StepInfo(epoch, i + 1, t + 1, eps_t, lr, loss_value, correct / len(y),
-                                         res.parts))
+                        on_step(StepInfo(epoch, i + 1, epoch * steps_per_epoch + i + 1, eps_t, lr,
+                                         loss_value, correct / cfg.batch_size, parts))
                     if interrupt.requested:
                         raise KeyboardInterrupt
-                # End of epoch: held-out evaluation, then the checkpoint.
-                last_eps = eps_at(cfg, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
-                record = {"epoch": epoch + 1, "lr": lr, "train_eps": last_eps,
-                          "train_loss": sums["loss"] / max(sums["seen"], 1),
-                          "train_acc": sums["correct"] / max(sums["seen"], 1),
-                          "train_seconds": time.perf_counter() - started}
-                if heldout is not None and len(heldout):
-                    record.update(heldout_check(model, heldout, cfg.eps, steps=cfg.eval_steps,
-                                                seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
-                history.append(record)
-                position.update(epoch=epoch + 1, step_in_epoch=0)
-                save(finished=epoch + 1 == cfg.epochs)
+                summary = _end_of_epoch(cfg, ck, heldout, epoch, lr, started, device)
                 bar.remove_task(task)
-                summary = (f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                           f"train acc {record['train_acc']:.1%}  ε {record['train_eps']:.4f}")
-                if "clean_acc" in record:
-                    summary += (f"  held-out clean {record['clean_acc']:.1%}  "
-                                f"PGD-{cfg.eval_steps}@{cfg.eps:.4g} {record['pgd_acc']:.1%} "
-                                f"(n={record['eval_n']})")
                 echo(summary)
                 if interrupt.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if in_step:
-                # Interrupted inside a step: batch-norm buffers and maybe parameters have moved, so this
-                # state cannot be resumed exactly; keep the last good checkpoint.
-                echo(f"interrupted mid-step; {out} keeps the last saved state" if out.exists()
-                     else "interrupted mid-step before the first checkpoint; nothing saved")
-            else:
-                save()
-                echo(f"interrupted at epoch {position['epoch'] + 1}, step {position['step_in_epoch']}: "
-                     f"saved {out}; add --resume to continue")
+            ck.interrupted(echo)
             raise
-    return metrics()
+    return ck.metrics()
 
 
 def _to_cpu(obj):
