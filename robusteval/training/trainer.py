@@ -66,11 +66,23 @@ _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-
 _TAG_ORDER, _TAG_AUG, _TAG_ATTACK, _TAG_EVAL = 1, 2, 3, 4
 
 
+#: The loss fields of a training configuration: flat name (CLI option, stored metadata) → LossConfig field.
+LOSS_FIELDS = {"method": "method", "steps": "steps", "inner_step_size": "step_size",
+               "inner_step_relative": "relative_step", "inner_optimizer": "inner_optimizer",
+               "llr_lambda": "llr_lambda", "llr_mu": "llr_mu", "nominal_weight": "nominal_weight",
+               "trades_beta": "trades_beta", "grad_mode": "grad_mode"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (stored in the checkpoint's ``training`` section)."""
+    """Everything that determines a training run (stored, flat, in the checkpoint's ``training`` section).
 
-    method: str
+    ``loss`` is the training loss's :class:`LossConfig`; its fields are also readable under their flat
+    names (``cfg.method``, ``cfg.steps``, ``cfg.inner_step_size``, ... — :data:`LOSS_FIELDS`), which are
+    the CLI's option names and the stored keys. Build one with :meth:`create` from flat keywords.
+    """
+
+    loss: LossConfig
     arch: str
     dataset: str
     eps: float
@@ -80,18 +92,9 @@ class TrainConfig:
     weight_decay: float
     lr_decay_epochs: tuple[int, ...]
     eps_ramp_epochs: float
-    steps: int
     augment: bool
     momentum: float = 0.9
     lr_decay_factor: float = 0.1
-    inner_step_size: float | None = None
-    inner_step_relative: bool = False
-    inner_optimizer: str = "adam"
-    llr_lambda: float = 4.0
-    llr_mu: float = 3.0
-    nominal_weight: float = 2.0
-    trades_beta: float = 6.0
-    grad_mode: str = "deepmind"
     activation: str | None = None
     seed: int = 0
     n_train: int | None = None
@@ -101,20 +104,32 @@ class TrainConfig:
     device: str = "cpu"
     command: str = ""
 
+    @classmethod
+    def create(cls, **flat) -> TrainConfig:
+        """From flat keywords: the :data:`LOSS_FIELDS` go into ``loss``, the rest are fields."""
+        loss = LossConfig(**{LOSS_FIELDS[k]: flat.pop(k) for k in list(flat) if k in LOSS_FIELDS})
+        return cls(loss=loss, **flat)
+
     def loss_config(self) -> LossConfig:
-        return LossConfig(self.method, self.steps, self.inner_step_size, self.inner_step_relative,
-                          self.inner_optimizer, self.llr_lambda, self.llr_mu, self.nominal_weight,
-                          self.trades_beta, self.grad_mode)
+        return self.loss
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat: the loss fields under their flat names, then the other fields (the stored format)."""
+        out = {k: getattr(self.loss, v) for k, v in LOSS_FIELDS.items()}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loss"})
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
+        names = {f.name for f in dataclasses.fields(cls)} | set(LOSS_FIELDS)
+        d = {k: v for k, v in d.items() if k in names and k != "loss"}
         d["lr_decay_epochs"] = tuple(int(e) for e in d.get("lr_decay_epochs", ()))
-        return cls(**d)
+        return cls.create(**d)
+
+
+for _flat, _field in LOSS_FIELDS.items():
+    setattr(TrainConfig, _flat, property(lambda self, f=_field: getattr(self.loss, f),
+                                         doc=f"``loss.{_field}`` (flat name)"))
 
 
 def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainConfig:
@@ -131,8 +146,7 @@ def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainCo
         kw["lr_decay_epochs"] = tuple(sorted({round(f * kw["epochs"]) for f in base["decay_at"]}))
     kw["lr_decay_epochs"] = tuple(int(e) for e in kw["lr_decay_epochs"])
     try:
-        cfg = TrainConfig(method=method, dataset=dataset, **kw)
-        cfg.loss_config()
+        cfg = TrainConfig.create(method=method, dataset=dataset, **kw)
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid training configuration: {exc}") from None
     _validate(cfg)
