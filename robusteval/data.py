@@ -57,13 +57,15 @@ _ALIASES = {
     "cifar-10": "cifar10", "cifar-100": "cifar100", "imagenet-val": "imagenet",
 }  # fmt: skip
 _HINTS = {
-    "fashion-mnist": "install it (apt-get install dataset-fashion-mnist), pass --data-dir DIR with the idx "
-    "files, or add --download",
-    "mnist": "pass --data-dir DIR with the MNIST idx files (t10k-images-idx3-ubyte.gz, ...), or --download",
-    "cifar10": "pass --data-dir DIR containing cifar-10-batches-py, set $ROBUSTEVAL_DATA, or add --download",
-    "cifar100": "pass --data-dir DIR containing cifar-100-python, set $ROBUSTEVAL_DATA, or add --download",
-    "svhn": "pass --data-dir DIR containing test_32x32.mat/train_32x32.mat, or add --download",
-    "imagenet": "ImageNet cannot be downloaded automatically; pass --data-dir DIR with the validation images "
+    "fashion-mnist": "install it (apt-get install dataset-fashion-mnist), pass `data_dir`=DIR with the idx "
+    "files, or enable `download`",
+    "mnist": "pass `data_dir`=DIR with the MNIST idx files (t10k-images-idx3-ubyte.gz, ...), "
+    "or enable `download`",
+    "cifar10": "pass `data_dir`=DIR containing cifar-10-batches-py, set $ROBUSTEVAL_DATA, "
+    "or enable `download`",
+    "cifar100": "pass `data_dir`=DIR containing cifar-100-python, set $ROBUSTEVAL_DATA, or enable `download`",
+    "svhn": "pass `data_dir`=DIR containing test_32x32.mat/train_32x32.mat, or enable `download`",
+    "imagenet": "ImageNet cannot be downloaded automatically; pass `data_dir`=DIR with the validation images "
     "in one folder per class (DIR/val/n01440764/*.JPEG, ...)",
 }
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagenet", "npz")
@@ -389,7 +391,7 @@ def load_dataset(
     if key == "npz":
         if data_dir is None:
             raise UserError(
-                "the npz dataset needs a file: pass --data-dir FILE.npz (or --dataset npz:FILE.npz)"
+                "the npz dataset needs a file: pass `data_dir`=FILE.npz (or `dataset`=npz:FILE.npz)"
             )
         return load_npz(data_dir, n=n, offset=offset)
     if key not in DATASET_NAMES:

@@ -337,12 +337,12 @@ def _distinct(values) -> str:
     return ", ".join(sorted(map(str, set(values))))[:160]
 
 
-def check_compatible(df: pd.DataFrame, merge: bool = False) -> None:
+def check_compatible(df: pd.DataFrame, merge_runs: bool = False) -> None:
     """Refuse records that would mix different runs into one number.
 
     Records of one (model, attack, ε) must share the checkpoint, attack configuration, seed and mode
     (:data:`RUN_FIELDS`), hold at most one row per example, and agree with every other record on each
-    example's fingerprint. ``merge=True`` accepts different runs of one model (each example then counts
+    example's fingerprint. ``merge_runs=True`` accepts different runs of one model (each example then counts
     as robust only if it is robust in all of them), never different images under one example id.
     """
     if df.empty:
@@ -356,7 +356,7 @@ def check_compatible(df: pd.DataFrame, merge: bool = False) -> None:
             sub = known[(known["dataset"] == dataset) & (known["example_id"] == example)]
             raise UserError(f"{dataset} example {example} is a different image in {files(sub)}: these runs "
                             "used different data and cannot be combined")
-    if merge:
+    if merge_runs:
         return
     eps = df["eps"].map(eps_key)
     for key, sub in df.groupby([df["model"], df["attack"], eps], sort=False):
@@ -365,13 +365,13 @@ def check_compatible(df: pd.DataFrame, merge: bool = False) -> None:
                 raise UserError(
                     f"records of {key[0]} / {key[1]} / ε={key[2]:.6g} come from different runs: {col} "
                     f"differs ({_distinct(sub[col])}) in {files(sub)}; report them separately, or pass "
-                    "--merge-runs to count an example as robust only if it is robust in every run")
+                    "`merge_runs` to count an example as robust only if it is robust in every run")
         dup = sub["example_id"].duplicated(keep=False)
         if bool(dup.any()):
             first = sub[dup].iloc[0]
             where = (f" ({first['_file']} line {first['_line']})" if "_file" in sub else "")
             raise UserError(f"{key[0]} / {key[1]} / ε={key[2]:.6g}: example {first['example_id']} has "
-                            f"conflicting records{where}; pass --merge-runs to take the worst case over them")
+                            f"conflicting records{where}; pass `merge_runs` to take the worst case over them")
 
 
 def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
@@ -384,13 +384,13 @@ def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge: bool = False) -> pd.DataFrame:
+def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge_runs: bool = False) -> pd.DataFrame:
     """Read one or more record files (a directory means its ``records.csv``) into one frame.
 
     Never writes. Every file is validated (header, field types; the first problem names the file and
     line); rows repeated exactly (the same file given twice) are kept once; different checkpoints with
     the same display name are kept apart (``name [sha prefix]``); records that would mix different runs
-    are refused unless ``merge`` (see :func:`check_compatible`).
+    are refused unless ``merge_runs`` (see :func:`check_compatible`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -408,7 +408,7 @@ def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge: bool = F
     df = pd.concat(frames, ignore_index=True)
     df = df.drop_duplicates(subset=list(COLUMNS), keep="first")
     df = _disambiguate(df)
-    check_compatible(df, merge=merge)
+    check_compatible(df, merge_runs=merge_runs)
     return df.drop(columns=["_file", "_line"]).reset_index(drop=True)
 
 

@@ -120,9 +120,8 @@ def warn_small_eps(eps_list: Sequence[float]) -> None:
             warnings.warn("ε = 0: no attack can change an input, robust accuracy will equal clean accuracy",
                           UserWarning, stacklevel=3)
         elif e < SMALLEST_EPS * (1 - 1e-9):
-            warnings.warn(f"ε = {e:.6g} is below one grey level of 8-bit images (1/255 ≈ 0.00392); "
-                          f"if it came from --eps {e * 255:.4g}/255 with --eps-scale 255, drop --eps-scale "
-                          "(ε is already in [0, 1] pixel units)", UserWarning, stacklevel=3)
+            warnings.warn(f"ε = {e:.6g} is below one grey level of 8-bit images (1/255 ≈ 0.00392); ε is in "
+                          "[0, 1] pixel units — was it divided by 255 twice?", UserWarning, stacklevel=3)
 
 
 def load_entries(models, arch: str | None = None, device: str = "cpu") -> list[ModelEntry]:

@@ -20,7 +20,7 @@ def resolve_device(name: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError("device cuda was requested but no CUDA device is available")
+            raise UserError("`device` cuda was requested but no CUDA device is available")
         return name
     if name == "cpu":
         return "cpu"

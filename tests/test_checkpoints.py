@@ -98,7 +98,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, model, monkeypatch):
 
 def test_plain_state_dict_needs_arch(tmp_path, model, x):
     torch.save(model.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(UserError, match="plain state_dict; pass --arch NAME .*small_cnn"):
+    with pytest.raises(UserError, match="plain state_dict; pass arch=NAME .*small_cnn"):
         load_model(tmp_path / "sd.pt")
     loaded = load_model(tmp_path / "sd.pt", arch="small_cnn", arch_kwargs={"activation": "softplus"})
     assert loaded.source == "state_dict" and torch.equal(loaded.model(x), model(x))

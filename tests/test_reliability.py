@@ -372,7 +372,7 @@ def test_bare_safetensors_needs_arch(tiny_ckpt, tmp_path):
     state = load_model(tiny_ckpt).model.state_dict()
     path = tmp_path / "bare.safetensors"
     st.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(UserError, match="pass --arch"):
+    with pytest.raises(UserError, match="pass arch=NAME"):
         load_model(path)
     loaded = load_model(path, arch="small_cnn", arch_kwargs={"width": 4, "hidden": 16})
     assert loaded.source == "state_dict"

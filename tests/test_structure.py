@@ -159,3 +159,21 @@ def test_a_gradient_free_optimizer_runs_in_the_same_loop():
     assert bool(atk.threat.contains(res.x_adv, x).all())
     assert bool((res.margin >= attacks.margin_of(model(x), y)).all())  # never worse than the clean point
     assert res.success.any()  # a linear model at ε = 0.3 is breakable by corner search
+
+
+def test_library_errors_name_arguments_and_the_cli_words_them_as_flags():
+    from robusteval.errors import UserError
+
+    err = UserError("pass `arch`=NAME, or enable `download`; `merge_runs` differs")
+    assert str(err) == "pass arch=NAME, or enable download; merge_runs differs"
+    assert err.as_flags() == "pass --arch=NAME, or enable --download; --merge-runs differs"
+    library = [p for p in (ROOT / "robusteval").rglob("*.py")
+               if "cli" not in p.relative_to(ROOT / "robusteval").parts]
+    quoted = []
+    for path in library:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UserError":
+                texts = [c.value for c in ast.walk(node)
+                         if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                quoted += [f"{path.name}: {t}" for t in texts if re.search(r"(^|\s)--[a-z]", t)]
+    assert quoted == []

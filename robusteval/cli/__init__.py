@@ -42,7 +42,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(exc.as_flags()) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename or exc}") from None
         except OSError as exc:  # permissions, a file where a directory is expected, a full disk, ...

@@ -68,11 +68,4 @@ def parse_step_size(text: str | None) -> tuple[float, bool] | None:
     return value, relative
 
 
-def resolve_device(name: str) -> str:
-    """:func:`robusteval.runtime.resolve_device`, with the error worded for the ``--device`` flag."""
-    from robusteval.runtime import resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except UserError as exc:
-        raise UserError(str(exc).replace("device cuda was", "--device cuda was")) from None
+from robusteval.runtime import resolve_device  # noqa: E402,F401 — the commands' import point

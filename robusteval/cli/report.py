@@ -46,7 +46,7 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs):
     """
     from robusteval import records, reports
 
-    df = records.read(list(record_files), merge=merge_runs)
+    df = records.read(list(record_files), merge_runs=merge_runs)
     table = reports.summarize(df, rows=_split(rows), columns=columns)
     note = reports.mode_note(df) if columns == "attack" else None
     if fmt == "table":

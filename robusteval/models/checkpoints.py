@@ -500,7 +500,7 @@ def load_model(
             raise UserError(f"{path} {_NOT_A_MODEL}")
         if arch is None:
             raise UserError(
-                f"{path} is a plain state_dict; pass --arch NAME to say which architecture it belongs to "
+                f"{path} is a plain state_dict; pass `arch`=NAME to say which architecture it belongs to "
                 f"(known: {', '.join(list_models())})"
             )
         model, spec, norm_source = _build(arch, dict(arch_kwargs or {}), obj)

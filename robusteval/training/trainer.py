@@ -155,18 +155,18 @@ def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainCo
 
 def _validate(cfg: TrainConfig) -> None:
     checks = [
-        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.batch_size >= 2, f"--batch-size must be >= 2 (batch norm needs a batch), got {cfg.batch_size}"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be positive, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (0 <= cfg.eps <= 1, f"--eps must be in [0, 1] pixel units, got {cfg.eps}"),
-        (cfg.eps_ramp_epochs >= 0, f"--eps-ramp-epochs must be >= 0, got {cfg.eps_ramp_epochs}"),
-        (cfg.eval_n >= 0, f"--eval-n must be >= 0, got {cfg.eval_n}"),
-        (cfg.n_train is None or cfg.n_train >= 1, f"--n-train must be >= 1, got {cfg.n_train}"),
-        (all(e >= 0 for e in cfg.lr_decay_epochs), "--lr-decay-epochs must be non-negative epoch numbers"),
+        (cfg.epochs >= 1, f"`epochs` must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 2, f"`batch_size` must be >= 2 (batch norm needs a batch), got {cfg.batch_size}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"`lr` must be positive, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, f"`momentum` must be in [0, 1), got {cfg.momentum}"),
+        (cfg.weight_decay >= 0, f"`weight_decay` must be >= 0, got {cfg.weight_decay}"),
+        (0 <= cfg.eps <= 1, f"`eps` must be in [0, 1] pixel units, got {cfg.eps}"),
+        (cfg.eps_ramp_epochs >= 0, f"`eps_ramp_epochs` must be >= 0, got {cfg.eps_ramp_epochs}"),
+        (cfg.eval_n >= 0, f"`eval_n` must be >= 0, got {cfg.eval_n}"),
+        (cfg.n_train is None or cfg.n_train >= 1, f"`n_train` must be >= 1, got {cfg.n_train}"),
+        (all(e >= 0 for e in cfg.lr_decay_epochs), "`lr_decay_epochs` must be non-negative epoch numbers"),
         (min(cfg.llr_lambda, cfg.llr_mu, cfg.nominal_weight, cfg.trades_beta) >= 0,
-         "loss weights (--llr-lambda, --llr-mu, --nominal-weight, --trades-beta) must be >= 0"),
+         "loss weights (`llr_lambda`, `llr_mu`, `nominal_weight`, `trades_beta`) must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,12 +185,12 @@ def load_training_data(cfg: TrainConfig, download: bool = False):
     total = len(full)
     pool = total - cfg.eval_n
     if pool < cfg.batch_size:
-        raise UserError(f"{cfg.dataset} train has {total} images; with --eval-n {cfg.eval_n} held out "
+        raise UserError(f"{cfg.dataset} train has {total} images; with `eval_n` {cfg.eval_n} held out "
                         f"fewer than one batch ({cfg.batch_size}) is left to train on")
     n = cfg.n_train or pool
     if n > pool:
-        raise UserError(f"--n-train {n} exceeds the {pool} training images left after holding out "
-                        f"--eval-n {cfg.eval_n}")
+        raise UserError(f"`n_train` {n} exceeds the {pool} training images left after holding out "
+                        f"`eval_n` {cfg.eval_n}")
     # Clone so a small subset does not keep the whole split's storage alive.
     train = full.subset(slice(0, n))
     train = dataclasses.replace(train, images=train.images.clone())
@@ -342,7 +342,7 @@ def schedule_notes(cfg: TrainConfig) -> list[str]:
         reached = cfg.eps * min(1.0, cfg.epochs / cfg.eps_ramp_epochs)
         notes.append(f"the ε ramp lasts {cfg.eps_ramp_epochs:g} epochs but the run has {cfg.epochs}: "
                      f"training ends at ε = {reached:.4g}, below the target {cfg.eps:.4g} "
-                     "(shorten it with eps_ramp_epochs / --eps-ramp-epochs)")
+                     "(shorten the ramp: eps_ramp_epochs, --eps-ramp-epochs on the command line)")
     late = [e for e in cfg.lr_decay_epochs if e >= cfg.epochs]
     if late:
         notes.append(f"learning-rate decay at epoch(s) {', '.join(map(str, late))} falls after the last "
@@ -352,13 +352,13 @@ def schedule_notes(cfg: TrainConfig) -> list[str]:
 
 def _load_resume(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path} to resume from")
+        raise UserError(f"`resume`: no checkpoint at {path} to resume from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 — any failure means "not a resumable checkpoint"
-        raise UserError(f"--resume: cannot read {path} ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"`resume`: cannot read {path} ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "resume" not in (ckpt.get("extra") or {}):
-        raise UserError(f"--resume: {path} is not a checkpoint written by robusteval train")
+        raise UserError(f"`resume`: {path} is not a checkpoint written by robusteval train")
     return ckpt
 
 
@@ -530,7 +530,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
     for note in schedule_notes(cfg):
         echo(f"note: {note}")
     if start_epoch >= cfg.epochs:
-        echo(f"{out}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
+        echo(f"{out}: already trained for {start_epoch} epochs (`epochs` {cfg.epochs}); nothing to do")
         return ck.metrics()
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
