@@ -139,15 +139,17 @@ class LinearityGap(ObjectiveBase):
         loss, grad = self.loss_and_grad(model, x, y)
         return {**aux, "loss0": loss, "grad0": grad}
 
-    def pieces(self, z, y, delta, aux):
-        """``(ℓ(x+δ), δᵀ∇ₓℓ(x))`` per example."""
-        d = delta.detach() if self.grad_mode == "deepmind" else delta
-        lin = (d * aux["grad0"]).flatten(1).sum(1)
-        return self.loss(z, y), lin
+    @staticmethod
+    def terms(loss_adv: torch.Tensor, loss0: torch.Tensor, delta: torch.Tensor,
+              grad0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(δ; x), δᵀ∇ₓℓ(x))`` per example from ℓ(x+δ), ℓ(x), δ and ∇ₓℓ(x) — the one definition of
+        the gap, used by the search, the γ measurement, Proposition 4.1's check and the LLR loss."""
+        lin = (delta * grad0).flatten(1).sum(1)
+        return (loss_adv - loss0 - lin).abs(), lin
 
     def __call__(self, z, y, delta, aux):
-        loss, lin = self.pieces(z, y, delta, aux)
-        return (loss - aux["loss0"] - lin).abs()
+        d = delta.detach() if self.grad_mode == "deepmind" else delta
+        return self.terms(self.loss(z, y), aux["loss0"], d, aux["grad0"])[0]
 
 
 margin = Margin()

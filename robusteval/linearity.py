@@ -171,8 +171,7 @@ def gamma(
             # Recompute the pieces at the returned point, so γ, |δᵀ∇ℓ|, ℓ(x) and ℓ(x+δ) are consistent.
             delta = res.x_adv - x
             loss_adv = loss_fn(model(res.x_adv), y)
-            lin = (delta * grad0).flatten(1).sum(1)
-            g = (loss_adv - loss0 - lin).abs()
+            g, lin = attacks.LinearityGap.terms(loss_adv, loss0, delta, grad0)
     return GammaResult(g, delta, lin.abs(), loss0, loss_adv, grad0, clean_logits, res.value, float(eps),
                        steps, bn, grad_mode)
 
@@ -221,17 +220,18 @@ def prop41_check(
     x_adv = x_adv.detach().to(device, torch.float32)
     y = y.detach().to(device).long()
     delta = x_adv - x
-    dist = delta.flatten(1).abs().amax(1) if delta.numel() else delta.new_zeros(0)
-    if bool((dist > gamma_result.eps + 1e-6).any()):
-        raise ValueError(f"x_adv leaves the ε-ball of the γ estimate (‖δ‖∞ up to {dist.max().item():.4g} "
-                         f"> ε = {gamma_result.eps:.4g}); Proposition 4.1 only covers δ ∈ B(ε)")
+    ball = attacks.LinfBall(gamma_result.eps)
+    if not bool(ball.contains(x_adv, x).all()):
+        worst = ball.distance(x_adv, x).max().item()
+        raise ValueError(f"x_adv leaves the ε-ball of the γ estimate (‖δ‖∞ up to {worst:.4g} > ε = "
+                         f"{gamma_result.eps:.4g}, or outside [0, 1]); Proposition 4.1 only covers δ ∈ B(ε)")
     # ℓ is evaluated under the γ estimate's batch-norm convention (with "nominal", the statistics of the
     # batch x), so both sides of the inequality concern the same function.
     with strict_fp32(device), _bn_context(model, gamma_result.bn, x, y, loss_fn) as (loss0, grad0):
         with torch.no_grad():
             loss_adv = loss_fn(model(x_adv), y)
     lhs = (loss_adv - loss0).abs()
-    lin = (delta * grad0).flatten(1).sum(1).abs()
+    lin = attacks.LinearityGap.terms(loss_adv, loss0, delta, grad0)[1].abs()
     bound = lin + gamma_result.gamma
     slack = bound - lhs
     tol = atol + rtol * torch.maximum(loss0.abs(), loss_adv.abs())

@@ -190,22 +190,22 @@ def check_model(entry: ModelEntry, ds: Dataset, eps_list: Sequence[float], batch
     return torch.cat(preds)
 
 
-def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, eps: float,
+def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, threat: attacks.LinfBall | float,
            name: str = "model", ids=None) -> torch.Tensor:
     """Check adversarial points and return the model's logits on them (eval mode, separate forward).
 
-    Raises :class:`VerificationError` if any point is non-finite, outside [0, 1] or farther than
-    ε + 1e-6 from its clean input in ℓ∞ — attacks must return feasible points; clipping here would hide
-    the bug.
+    Feasibility is the threat model's (:meth:`attacks.LinfBall.contains`, slack :data:`TOLERANCE`; a
+    number means the ε-ball in [0, 1]). Raises :class:`VerificationError` if any point is non-finite,
+    outside the box or the ball — attacks must return feasible points; clipping here would hide the bug.
     """
-    flat = x_adv.flatten(1)
-    dist = (x_adv - x).flatten(1).abs().amax(1) if len(x) else x.new_zeros(0)
-    bad = ~torch.isfinite(flat).all(1) | (flat < 0).any(1) | (flat > 1).any(1) | (dist > eps + TOLERANCE)
+    threat = threat if isinstance(threat, attacks.LinfBall) else attacks.LinfBall(float(threat))
+    bad = ~threat.contains(x_adv, x, tol=TOLERANCE)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
+        flat, dist = x_adv.flatten(1), threat.distance(x_adv, x)
         raise VerificationError(
-            f"attack returned an infeasible point for {name}: ‖δ‖∞ = {float(dist[i]):.6g} (ε = {eps:.6g}), "
-            f"range [{float(flat[i].min()):.4g}, {float(flat[i].max()):.4g}] "
+            f"attack returned an infeasible point for {name}: ‖δ‖∞ = {float(dist[i]):.6g} "
+            f"(ε = {threat.eps:.6g}), range [{float(flat[i].min()):.4g}, {float(flat[i].max()):.4g}] "
             f"({int(bad.sum())} of {len(x)} points bad)")
     if any(m.training for m in model.modules()):
         raise VerificationError("the model must be in eval mode for verification")
@@ -462,12 +462,12 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
         raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the "
                         f"ε = {atk.eps:.6g} ball of example {int(exc.example_ids[0])} (found by {atk.name}); "
                         "it cannot be evaluated: a NaN is never a robust verdict") from None
-    z = verify(entry.model, res.x_adv, x, atk.eps, entry.name, ids)
+    z = verify(entry.model, res.x_adv, x, atk.threat, entry.name, ids)
     seconds = (time.perf_counter() - t0) / len(chunk)
     true = z.gather(1, y[:, None])[:, 0]
     cols = {  # one device-to-host copy per column, not one per example
         "adv_pred": z.argmax(1), "margin": z.scatter(1, y[:, None], float("-inf")).amax(1) - true,
-        "objective": res.value, "linf": (res.x_adv - x).flatten(1).abs().amax(1), "restart": res.run,
+        "objective": res.value, "linf": atk.threat.distance(res.x_adv, x), "restart": res.run,
         "steps": res.steps, "target": res.target, "label": y,
     }  # fmt: skip
     cols = {k: v.detach().cpu().tolist() for k, v in cols.items()}

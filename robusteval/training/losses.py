@@ -178,9 +178,7 @@ def llr_terms(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     attached (``create_graph=True``) for the training loss, so both terms are differentiated through the
     input gradient. ``delta`` is used as given (detach it for the regulariser).
     """
-    lin = (delta * grad0).flatten(1).sum(1)
-    g = (loss_fn(x + delta) - loss0 - lin).abs()
-    return g, lin
+    return attacks.LinearityGap.terms(loss_fn(x + delta), loss0, delta, grad0)
 
 
 def llr_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int = 0,
