@@ -64,10 +64,13 @@ from .presets import (
     names,
     pgd,
     random_targeted,
+    square,
     untargeted,
 )
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Piecewise, constant, paper_decay, piecewise
+from .square import RandomSquares, WindowSchedule
+from .starts import NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import LinfBall
 
@@ -75,6 +78,7 @@ __all__ = [
     "Attack", "NonFiniteLogits", "Result", "run",
     "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
+    "UniformStart", "NoStart", "StripeStart", "RandomSquares", "WindowSchedule", "square",
     "example_seed", "generators",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",

@@ -34,6 +34,7 @@ import torch
 from .objectives import margin_of
 from .optimizers import select
 from .protocols import Objective, Optimizer, Schedule, Threat
+from .starts import NoStart, StartPolicy, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 _MASK64 = (1 << 64) - 1
@@ -207,7 +208,7 @@ class FinalIterate:
 
 
 Tracking = Evasion | Maximize | FinalIterate
-_LEGACY = ("targets", "num_targets", "all_targets", "goal", "final_iterate")
+_LEGACY = ("targets", "num_targets", "all_targets", "goal", "final_iterate", "random_start")
 
 
 def _policies(changes: dict, targets: TargetPolicy, tracking: Tracking) -> tuple[TargetPolicy, Tracking]:
@@ -222,6 +223,8 @@ def _policies(changes: dict, targets: TargetPolicy, tracking: Tracking) -> tuple
         if not isinstance(kind, RankedTargets):
             raise ValueError("num_targets / all_targets apply to ranked targets only")
         kind = RankedTargets(changes.pop("num_targets", kind.k), bool(changes.pop("all_targets", kind.all)))
+    if "random_start" in changes:
+        changes["start"] = UniformStart() if changes.pop("random_start") else NoStart()
     goal = changes.pop("goal", None)
     final = changes.pop("final_iterate", None)
     if goal is not None or final is not None:
@@ -257,13 +260,15 @@ class Attack:
     restarts: int = 1
     targets: TargetPolicy = Untargeted()
     tracking: Tracking = Evasion()
-    random_start: bool = True
+    start: StartPolicy = UniformStart()
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
             raise ValueError("steps must be ≥ 0 and restarts ≥ 1")
         if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
+        if not isinstance(self.start, (UniformStart, NoStart, StripeStart)):
+            raise ValueError(f"start must be a start policy, got {self.start!r}")
         if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate)):
             raise ValueError("tracking must be Evasion(), Maximize() or FinalIterate(), "
                              f"got {self.tracking!r}")
@@ -282,6 +287,10 @@ class Attack:
     @property
     def final_iterate(self) -> bool:
         return isinstance(self.tracking, FinalIterate)
+
+    @property
+    def random_start(self) -> bool:
+        return not isinstance(self.start, NoStart)
 
     def replace(self, **changes) -> Attack:
         """A copy with some fields changed (``eps=`` replaces the threat's radius; flag spellings too)."""
@@ -423,11 +432,10 @@ def run(
         act = (~best.success).nonzero()[:, 0] if track.evades else torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
-        xs = x[act]
-        start = attack.threat.sample(xs, generators(seed, ids[act.cpu()].tolist(), j)) \
-            if attack.random_start else xs.clone()
+        xs, gens = x[act], generators(seed, ids[act.cpu()].tolist(), j)
+        start = attack.start(xs, attack.threat, gens)  # the optimizer may keep drawing from gens
         rows = _Rows(act, xs, y[act], start, attack.threat.box(xs), {k: v[act] for k, v in prepared.items()},
-                     None if slot is None else targets[act, slot], attack.optimizer.init(start),
+                     None if slot is None else targets[act, slot], attack.optimizer.init(start, gens),
                      best.gather(act))
         rows = _ascend(attack, model, rows, j, compact, best, counter)
         best.scatter(rows.act, rows.best)

@@ -59,7 +59,7 @@ class Adam(GradientStep):
     eps: float = 1e-9
     name = "adam"
 
-    def init(self, x: torch.Tensor) -> AdamState:
+    def init(self, x: torch.Tensor, generators=None) -> AdamState:
         return AdamState(torch.zeros_like(x), torch.zeros_like(x), 0)
 
     def update(self, grad: torch.Tensor, state: AdamState, lr: float):
@@ -81,7 +81,7 @@ class Sign(GradientStep):
 
     name = "sign"
 
-    def init(self, x: torch.Tensor) -> SignState:
+    def init(self, x: torch.Tensor, generators=None) -> SignState:
         return SignState(0)
 
     def update(self, grad: torch.Tensor, state: SignState, lr: float):

@@ -24,6 +24,8 @@ from . import objectives as O
 from .engine import Attack, Evasion, FinalIterate, Maximize
 from .optimizers import Adam, Sign, adam, sign
 from .schedules import Piecewise, constant, paper_decay
+from .square import RandomSquares, WindowSchedule
+from .starts import NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import LinfBall
 
@@ -54,6 +56,14 @@ def fgsm20(eps: float, bounds=(0.0, 1.0)) -> Attack:
 def pgd(eps: float, steps: int = 50, bounds=(0.0, 1.0)) -> Attack:
     """PGD-k: Adam lr 0.1, k steps, margin, one restart — the paper's on-the-fly check (Table F2)."""
     return Attack(f"pgd-{steps}", O.Margin(), adam(), constant(0.1), LinfBall(eps, bounds), steps, 1)
+
+
+def square(eps: float, bounds=(0.0, 1.0)) -> Attack:
+    """Square (Andriushchenko et al. 2020), L∞: 5,000 queries of score-based random search on the margin
+    from the stripe initialisation, window area from p = 0.8 (:mod:`attacks.square`). No gradient, so
+    gradient masking cannot fool it; queries = steps + 1 (the start is the first)."""
+    return Attack("square", O.Margin(), RandomSquares(), WindowSchedule(0.8), LinfBall(eps, bounds), 4999, 1,
+                  start=StripeStart())
 
 
 def local_linearity(eps: float, bounds=(0.0, 1.0), grad_mode: str = "deepmind") -> Attack:
@@ -111,6 +121,7 @@ PRESETS = Registry(
         "multi-targeted": multi_targeted,
         "fgsm-20": fgsm20,
         "pgd-50": _pgd_family(50),
+        "square": square,
         "local-linearity": local_linearity,
     },
     families={"pgd-K": (r"pgd-(\d+)", _pgd_family)},
@@ -125,17 +136,23 @@ def names() -> list[str]:
 
 def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None = None,
         step_size: float | None = None, relative_step: bool | None = None, objective=None,
-        bounds=(0.0, 1.0), **changes) -> Attack:
+        bounds=(0.0, 1.0), queries: int | None = None, **changes) -> Attack:
     """Build preset ``name`` at radius ``eps`` and apply overrides.
 
     ``step_size`` sets the first value of the schedule, keeping its shape (``relative_step=True``: in
-    units of ε). ``objective`` may be an objective or its name. Other keyword arguments replace
+    units of ε; for Square it is the initial window fraction ``p_init``). ``queries`` sets the forward
+    passes per run of a search that evaluates its start (``steps = queries − 1``; Square's budget).
+    ``objective`` may be an objective or its name. Other keyword arguments replace
     :class:`Attack` fields (``targets``, ``tracking``; or the flag spelling ``targets="ranked"``,
     ``num_targets``, ``all_targets``, ``goal``, ``final_iterate``).
     """
     key = name.strip().lower().replace("_", "-")
     key = re.sub(r"^pgd(\d+)$", r"pgd-\1", _SPELLINGS.get(key, key))
     attack = PRESETS[key](eps, bounds)
+    if queries is not None:
+        if int(queries) < 1:
+            raise ValueError("queries must be ≥ 1")
+        changes["steps"] = int(queries) - 1
     if steps is not None:
         changes["steps"] = int(steps)
     if restarts is not None:
@@ -156,7 +173,8 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
 _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin,
                                          O.MostLikelyTarget, O.LinearityGap, Adam, Sign, Piecewise, LinfBall,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
-                                         FinalIterate)}
+                                         FinalIterate, UniformStart, NoStart, StripeStart, RandomSquares,
+                                         WindowSchedule)}
 _CONFIG_FUNCTIONS = {f"{f.__module__}.{f.__qualname__}": f for f in (O.per_example_cross_entropy,)}
 
 

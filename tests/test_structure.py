@@ -127,9 +127,8 @@ class _RandomSearch:
 
     uses_gradient = False
 
-    def init(self, x):
-        gens = [torch.Generator().manual_seed(i) for i in range(len(x))]
-        return _RandomSearchState(x.clone(), torch.full((len(x),), float("-inf")), gens)
+    def init(self, x, generators=None):
+        return _RandomSearchState(x.clone(), torch.full((len(x),), float("-inf")), list(generators))
 
     def step(self, x, grad, value, state, lr):
         assert grad is None
