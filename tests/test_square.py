@@ -77,7 +77,8 @@ def test_square_is_deterministic_whatever_the_batch():
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
     shuffled = attacks.run(atk, model, x[perm], y[perm], ids=ids[perm], seed=3)
     assert torch.equal(shuffled.x_adv, full.x_adv[perm]) and torch.equal(shuffled.success, full.success[perm])
-    parts = [attacks.run(atk, model, x[i:i + 7], y[i:i + 7], ids=ids[i:i + 7], seed=3) for i in range(0, 20, 7)]
+    parts = [attacks.run(atk, model, x[i:i + 7], y[i:i + 7], ids=ids[i:i + 7], seed=3)
+             for i in range(0, 20, 7)]
     assert torch.equal(torch.cat([p.x_adv for p in parts]), full.x_adv)
 
 
