@@ -455,7 +455,7 @@ def _ascend(attack: Attack, model, rows: _Rows, j: int, compact: bool, best: _Be
             z = model(leaf)
             data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
             val = obj(z, rows.ys, leaf - rows.xs if obj.needs_delta else None, data)
-            grad = torch.autograd.grad(val.sum(), leaf)[0] if grad_on else None
+            grad = _input_gradient(val, leaf) if grad_on else None
         counter["rows"] += rows.act.numel()
         z, val = z.detach(), val.detach()
         counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1)
@@ -473,6 +473,15 @@ def _ascend(attack: Attack, model, rows: _Rows, j: int, compact: bool, best: _Be
             if rows.act.numel() == 0:
                 break
     return rows
+
+
+def _input_gradient(value: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """∇ of ``value.sum()`` w.r.t. ``leaf``; zero where the model's graph does not reach its input (a
+    detached or thresholded input: masked gradients are for the alarms to report, not a crash)."""
+    if not value.requires_grad:
+        return torch.zeros_like(leaf)
+    (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if grad is None else grad
 
 
 def _result(attack: Attack, x, ids, z0, best: _Best, counter: dict) -> Result:

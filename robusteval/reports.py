@@ -93,12 +93,49 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
     return table.reset_index()
 
 
+ALARMS = "Alarms"
+
+
+def mark_alarms(table: pd.DataFrame, df: pd.DataFrame, alarms) -> pd.DataFrame:
+    """Add an ``Alarms`` column: per row, the names of the masking alarms of its model(s), or ``none``.
+
+    Alarms (:class:`robusteval.alarms.Alarm`) are matched to rows by checkpoint hash, so a row keeps its
+    alarms whatever its display name; a table without a ``model`` key gets the alarms of every model in
+    the row's records.
+    """
+    names_by_sha: dict[str, set] = {}
+    for a in alarms:
+        names_by_sha.setdefault(a.checkpoint_sha256, set()).add(a.alarm)
+    keys = [c for c in row_keys(table) if c in df.columns]
+    out = table.copy()
+    cells = []
+    for row in table[keys].itertuples(index=False, name=None):
+        sub = df
+        for k, v in zip(keys, row, strict=True):
+            sub = sub[sub[k].astype(str) == str(v)] if k != "eps" else sub[sub[k].map(float) == float(v)]
+        found = set().union(*(names_by_sha.get(sha, set()) for sha in sub["checkpoint_sha256"].unique()))
+        cells.append(", ".join(sorted(found)) if found else "none")
+    out[ALARMS] = cells
+    return out
+
+
+def alarm_note(alarms) -> str | None:
+    """One line per alarm: which model is unreliable, what was measured, and the remedy."""
+    if not alarms:
+        return None
+    lines = [f"UNRELIABLE {a.model}: {a.alarm} — {a.detail}. Remedy: {a.remedy}." for a in alarms]
+    return "\n".join(lines)
+
+
 def mode_note(df: pd.DataFrame) -> str:
     """One line saying how per-attack columns were computed (see the module docstring)."""
-    modes = set(df["mode"].unique())
+    black_box = df["attack_config"].str.contains("RandomSquares", regex=False)
+    check = ("; Square (the black-box check) ran on the survivors of the gradient attacks"
+             if bool((black_box & (df["mode"] == "skip")).any()) else "")
+    modes = set(df.loc[~black_box, "mode"].unique()) or set(df["mode"].unique())
     if modes == {"no-skip"}:
-        return ("Each attack ran on every clean-correct example (--no-skip); "
-                "Worst case = robust to all attacks.")
+        return ("Each gradient attack ran on every clean-correct example (--no-skip)" + check +
+                "; Worst case = robust to all attacks.")
     note = ("Battery mode: each attack ran only on the survivors of the attacks before it, so an attack's "
             "column is the accuracy against it and all earlier attacks; use --no-skip for independent "
             "columns.")

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 import attacks
-from robusteval import checks, records
+from robusteval import alarms, records
+from robusteval import checks as fit_checks
 from robusteval.data import Dataset, load_dataset
 from robusteval.errors import UserError
 from robusteval.models.checkpoints import LoadedModel, load_model
@@ -76,25 +77,37 @@ class ModelEntry:
         return None
 
 
-def build_attacks(names: Sequence, eps: float, **overrides) -> list[attacks.Attack]:
+def build_attacks(names: Sequence, eps: float, checks: bool = False, queries: int | None = None,
+                  **overrides) -> list[attacks.Attack]:
     """Presets by name (or ready :class:`attacks.Attack` objects) at radius ``eps``, with overrides.
 
-    ``overrides``: ``steps``, ``restarts``, ``step_size``, ``relative_step`` (``None`` = preset value).
+    ``overrides``: ``steps``, ``restarts``, ``step_size``, ``relative_step`` (``None`` = preset value)
+    apply to the gradient attacks; ``queries`` is the budget of the gradient-free ones (Square). With
+    ``checks``, Square (:data:`alarms.CHECK_QUERIES` queries unless ``queries``) ends the battery when
+    it is not in it already: the black-box check of :mod:`robusteval.alarms`, part of the worst case.
     An unknown name is a :class:`UserError`.
     """
+    from robusteval import alarms
+
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    names = list(names)
+    if checks and not any(str(getattr(n, "name", n)).lower() == "square" for n in names):
+        names.append(attacks.get("square", eps, queries=queries or alarms.CHECK_QUERIES))
     built, seen = [], set()
     for item in names:
         if isinstance(item, attacks.Attack):
             atk = item.replace(eps=eps)
         else:
             try:
-                atk = attacks.get(str(item), eps, **overrides)
+                preset = attacks.get(str(item), eps)
+                gradient_free = {"queries": queries} if queries else {}
+                changes = overrides if preset.optimizer.uses_gradient else gradient_free
+                atk = attacks.get(str(item), eps, **changes)
             except KeyError as exc:
                 raise UserError(exc.args[0]) from None
             except ValueError as exc:
                 raise UserError(f"attack {item!r}: {exc}") from None
-        if atk.steps < 1:
+        if atk.steps < 1 and atk.optimizer.uses_gradient:
             raise UserError(f"attack {atk.name!r} has {atk.steps} steps: it would not attack at all and "
                             "report clean accuracy as robust accuracy; use at least 1 step")
         if atk.goal != "misclassify":
@@ -151,7 +164,7 @@ def load_entries(models, arch: str | None = None, device: str = "cpu") -> list[M
 def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids, name: str, what: str) -> torch.Tensor:
     with torch.no_grad():
         z = model(x)
-    checks.check_outputs(name, z, x, y, ids, what)
+    fit_checks.check_outputs(name, z, x, y, ids, what)
     return z
 
 
@@ -171,7 +184,7 @@ def check_model(entry: ModelEntry, ds: Dataset, eps_list: Sequence[float], batch
     logits on the clean inputs and at a random point of each clean-correct example's ball for every ε.
     Every failure is a one-line :class:`UserError` naming the model (and the first bad example).
     """
-    checks.check_input_shape(entry.name, entry.meta, ds.input_shape)
+    fit_checks.check_input_shape(entry.name, entry.meta, ds.input_shape)
     preds = []
     for x, y, ids in ds.batches(batch_size):
         x, y = x.to(device), y.to(device)
@@ -179,7 +192,7 @@ def check_model(entry: ModelEntry, ds: Dataset, eps_list: Sequence[float], batch
             z = _forward(entry.model, x, y, ids, entry.name, "the clean inputs")
             right = (z.argmax(1) == y).cpu()
             for e in eps_list:
-                checks.probe_ball(entry.model, entry.name, x[right.to(x.device)], y[right.to(y.device)],
+                fit_checks.probe_ball(entry.model, entry.name, x[right.to(x.device)], y[right.to(y.device)],
                                   ids[right], e, seed)
         except torch.OutOfMemoryError:
             raise
@@ -296,6 +309,8 @@ def evaluate(
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
     arch: str | None = None,
+    checks: bool = True,
+    queries: int | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``models`` under the attack battery ``attack_names`` at each ``eps``; return the records.
 
@@ -306,8 +321,11 @@ def evaluate(
     ``dataset``: a :class:`~robusteval.data.Dataset` or a name for :func:`~robusteval.data.load_dataset`;
     the first ``n`` examples are used (all when ``None``). ``device``: ``auto``, ``cpu`` or ``cuda``.
     ``out``: directory for ``records.csv`` (appended per batch; a rerun resumes); ``None`` keeps the
-    records in memory only. Returns the records of this evaluation (resumed rows included), in the
-    schema of :mod:`robusteval.records`. Protocol: see the module docstring.
+    records in memory only. ``checks`` runs the masking alarms of :mod:`robusteval.alarms` (Square ends
+    the battery as the black-box check; ``queries`` sets Square's budget); the alarms are written to
+    ``out/alarms.csv`` and returned in ``records.attrs["alarms"]``. Returns the records of this
+    evaluation (resumed rows included), in the schema of :mod:`robusteval.records`. Protocol: see the
+    module docstring.
     """
     eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
     if not eps_list or any(not math.isfinite(e) or e < 0 or e > 1 for e in eps_list):
@@ -319,8 +337,10 @@ def evaluate(
     warn_small_eps(eps_list)
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
-    overrides = dict(steps=steps, restarts=restarts, step_size=step_size, relative_step=relative_step)
-    build_attacks(attack_names, eps_list[0], **overrides)  # fail fast on a bad name before loading
+    overrides = dict(steps=steps, restarts=restarts, step_size=step_size, relative_step=relative_step,
+                     checks=checks, queries=queries)
+    auto_check = len(build_attacks(attack_names, eps_list[0], **overrides)) > len(
+        build_attacks(attack_names, eps_list[0], **{**overrides, "checks": False}))  # also: bad names, early
     path = Path(out) / records.FILENAME if out is not None else None
     if path is not None:
         records.check_appendable(path)  # an unwritable output fails before any work
@@ -339,11 +359,13 @@ def evaluate(
     existing["_key"] = list(zip(existing["model"], existing["attack"], existing["eps"].map(records.eps_key),
                                 existing["example_id"], strict=True))
     digests = fingerprints(dataset)
-    clean = {}
+    clean, found = {}, []
     for entry in entries:  # every model is checked against the data before any attack runs
+        dev = device_of(entry.model, device)
         with eval_mode(entry.model):
-            clean[entry.name] = check_model(entry, dataset, eps_list, batch_size,
-                                            device_of(entry.model, device), seed)
+            clean[entry.name] = check_model(entry, dataset, eps_list, batch_size, dev, seed)
+            if checks:
+                found += _pre_checks(entry, dataset, clean[entry.name], max(eps_list), seed, dev)
     collected: list[dict] = []
 
     with _Progress(progress) as bar:
@@ -351,23 +373,62 @@ def evaluate(
             dev = device_of(entry.model, device)
             with eval_mode(entry.model):
                 clean_pred = clean[entry.name]
+                worst = {}
                 for e in eps_list:
                     alive = clean_pred == dataset.labels.long()  # survivors of the battery so far
-                    for atk in build_attacks(attack_names, e, **overrides):
-                        job = _Job(entry, atk, dataset, clean_pred, digests, seed, mode, path, bar)
-                        robust = job.run(existing, alive if not no_skip else None, batch_size, dev)
+                    white, black = alive.clone(), None
+                    battery = build_attacks(attack_names, e, **overrides)
+                    for atk in battery:
+                        # the check (Square added to the battery) always runs on the survivors only
+                        check = auto_check and atk is battery[-1]
+                        job = _Job(entry, atk, dataset, clean_pred, digests, seed, "skip" if check else mode,
+                                   path, bar)
+                        robust = job.run(existing, alive if not no_skip or check else None, batch_size, dev)
                         collected.extend(job.rows)
                         alive &= robust
+                        if atk.optimizer.uses_gradient:
+                            white &= robust
+                        else:
+                            black = robust if black is None else black & robust
+                    worst[e] = float(alive.float().mean())
+                    if checks and black is not None:
+                        ids = dataset.ids.tolist()
+                        white_s, black_s = pd.Series(white.tolist(), ids), pd.Series(black.tolist(), ids)
+                        alarm = alarms.black_box_alarm(entry.name, entry.sha256, e, white_s, black_s)
+                        found += [alarm] if alarm else []
+                if checks:
+                    found += _post_checks(entry, dataset, clean_pred, worst, seed, dev)
+    if path is not None and checks:
+        keep = [a for a in alarms.read(path.parent) if a.model not in {e.name for e in entries}]
+        alarms.write(path.parent / alarms.FILENAME, keep + found)
 
     if not collected:
         return records.empty()
     df = records.coerce(pd.DataFrame(collected, columns=list(records.COLUMNS)))
+    df.attrs["alarms"] = found
     keys = list(zip(df["model"], df["attack"], df["eps"].map(records.eps_key), strict=True))
     order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     df["_order"] = [order[k] for k in keys]
     df["_pos"] = df["example_id"].map({int(i): k for k, i in enumerate(dataset.ids.tolist())})
     df = df.sort_values(["_order", "_pos"], kind="stable")
     return df.drop(columns=["_order", "_pos"]).reset_index(drop=True)
+
+
+def _clean_correct(ds: Dataset, clean_pred: torch.Tensor, device):
+    keep = (clean_pred == ds.labels.long()).nonzero()[:, 0][: alarms.SUBSET]
+    return ds.images[keep].to(device), ds.labels[keep].long().to(device), ds.ids[keep]
+
+
+def _pre_checks(entry: ModelEntry, ds: Dataset, clean_pred, eps: float, seed: int, device) -> list:
+    x, y, ids = _clean_correct(ds, clean_pred, device)
+    return alarms.pre_checks(entry.name, entry.sha256, entry.model, x, y, eps, seed, ids)
+
+
+def _post_checks(entry: ModelEntry, ds: Dataset, clean_pred, worst: dict, seed: int, device) -> list:
+    x, y, ids = _clean_correct(ds, clean_pred, device)
+    found = alarms.monotone_alarms(entry.name, entry.sha256, worst, len(ds))
+    big = alarms.large_eps_alarm(entry.name, entry.sha256, entry.model, x, y, ids, seed)
+    return found + ([big] if big else [])
 
 
 class _Job:

@@ -18,21 +18,51 @@ from robusteval.errors import UserError
 DEFAULT_ATTACKS = ("untargeted", "multi-targeted")
 
 
-def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
+class Unreliable(click.ClickException):
+    """A table was printed, but a masking alarm fired: exit with a status of its own."""
+
+    def __init__(self, message: str):
+        from robusteval.alarms import UNRELIABLE_EXIT
+
+        super().__init__(message)
+        self.exit_code = UNRELIABLE_EXIT
+
+
+def show_table(df, alarm_list, rows=("model",), title: str | None = None, out: Path | None = None):
+    """Print the summary table of ``df`` marked with its alarms; save ``summary.*`` into ``out`` if given."""
+    from robusteval import reports
+
+    table = reports.summarize(df, rows=rows)
+    if alarm_list is not None:
+        table = reports.mark_alarms(table, df, alarm_list)
+    note = "\n".join(filter(None, [reports.mode_note(df), reports.alarm_note(alarm_list)]))
+    reports.print_table(table, title=title, note=note)
+    return reports.save_summary(table, out, note=note, title=title) if out is not None else []
+
+
+def fail_if_unreliable(alarm_list, allow: bool) -> None:
+    """Exit with :data:`robusteval.alarms.UNRELIABLE_EXIT` when an alarm fired, unless ``allow``."""
+    if alarm_list and not allow:
+        models = sorted({a.model for a in alarm_list})
+        raise Unreliable(f"robust accuracy of {', '.join(models)} is unreliable ({len(alarm_list)} alarm(s), "
+                         "remedies above); pass --allow-unreliable to exit 0 anyway")
+
+
+def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
     """Print the summary table of every record in ``out`` and save ``summary.csv``/``summary.md`` there.
 
     The table covers the whole directory (earlier invocations resumed into it included), so the summary
-    never shows only the last invocation's ε or models.
+    never shows only the last invocation's ε or models. Returns the alarms of the directory.
     """
-    from robusteval import records, reports
+    from robusteval import alarms, records
 
     df = records.read(out / records.FILENAME)
-    table = reports.summarize(df, rows=rows)
-    note = reports.mode_note(df)
-    reports.print_table(table, title=title, note=note)
-    paths = reports.save_summary(table, out, note=note, title=title)
+    has_checks = (out / alarms.FILENAME).is_file()
+    alarm_list = alarms.read(out) if has_checks else None
+    paths = show_table(df, alarm_list, rows, title, out)
     click.echo(f"records: {out / 'records.csv'}")
     click.echo(f"summary: {', '.join(map(str, paths))}")
+    return alarm_list or []
 
 
 @cli.command("attack")
@@ -61,9 +91,17 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> None:
 @click.option("--arch", default=None, help="Architecture name, for checkpoints that are bare state_dicts.")
 @click.option("--no-skip", is_flag=True,
               help="Run every attack on every clean-correct example (independent per-attack columns).")
+@click.option("--queries", type=click.IntRange(min=1), default=None,
+              help="Query budget of Square (default 5,000 as an attack, 1,000 as the black-box check).")
+@click.option("--no-checks", is_flag=True,
+              help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
+                   "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
+@click.option("--allow-unreliable", is_flag=True,
+              help="Exit 0 even when an alarm marks a model's number unreliable (it is still marked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
-                   batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, quiet):
+                   batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
+                   no_checks, allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
@@ -89,7 +127,8 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
     size = parse_step_size(step_size)
     overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
                      relative_step=size[1] if size else None)
-    runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, **overrides)  # names, early
+    runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, queries=queries,
+                         **overrides)  # names, early
     out = Path(out) if out else default_out("attack")
     records.check_appendable(out / records.FILENAME)  # an unwritable --out fails before any work
     device = resolve_device(device)
@@ -107,6 +146,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
         eps_values = [parse_eps(text)]
     click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
     runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
-                    seed=seed, out=out, no_skip=no_skip, progress=not quiet, **overrides)
+                    seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
+                    queries=queries, **overrides)
     title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
-    show_results(out, title=title)
+    fail_if_unreliable(show_results(out, title=title), allow_unreliable)

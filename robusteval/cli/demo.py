@@ -30,6 +30,8 @@ def _natural(name: str):
 @click.option("--restarts", type=int, default=2, show_default=True, help="Restarts per attack (paper: 20).")
 @click.option("--steps", type=int, default=40, show_default=True, help="Steps per restart (paper: 200).")
 @click.option("--batch-size", type=int, default=250, show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Square's budget as the black-box check (robusteval attack: 1,000).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip", is_flag=True,
@@ -37,7 +39,7 @@ def _natural(name: str):
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default runs/demo-<time>); the same --out resumes.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def demo_command(n, restarts, steps, batch_size, device, seed, skip, out, quiet):
+def demo_command(n, restarts, steps, batch_size, queries, device, seed, skip, out, quiet):
     """Evaluate every bundled zoo model with Untargeted and Multi-Targeted and print an F4-style table.
 
     The table has the layout of the LLR paper's Table F4 (methods with their training PGD steps ×
@@ -66,9 +68,11 @@ def demo_command(n, restarts, steps, batch_size, device, seed, skip, out, quiet)
     ds = load_data("fashion-mnist", None, n)
     click.echo(f"demo budget: n={len(ds)} test images ({ds.source}), ε={DEMO_EPS}, "
                f"{' + '.join(DEMO_ATTACKS)} with {restarts} restarts × {steps} steps "
-               f"(paper: 20 restarts × 200 steps on all 10,000); {len(entries)} models: {', '.join(names)}")
+               f"(paper: 20 restarts × 200 steps on all 10,000), masking checks with Square at {queries} "
+               f"queries; {len(entries)} models: {', '.join(names)}")
     out = Path(out) if out else default_out("demo")
     runner.evaluate(entries, DEMO_ATTACKS, DEMO_EPS, ds, batch_size=batch_size, device=device, seed=seed,
-                    out=out, no_skip=not skip, progress=not quiet, steps=steps, restarts=restarts)
+                    out=out, no_skip=not skip, progress=not quiet, steps=steps, restarts=restarts,
+                    queries=queries)
     show_results(out, rows=("model", "train_steps"),
                  title=f"Fashion-MNIST, ε = {DEMO_EPS} (Table F4 layout; reduced budget, see above)")

@@ -20,11 +20,13 @@ def _split(values) -> list[str]:
 @click.option("--columns", default="attack", show_default=True,
               help="Record column for the columns (attack: per-attack columns plus the worst case).")
 @click.option("--title", default=None, help="Table title / LaTeX caption.")
+@click.option("--allow-unreliable", is_flag=True,
+              help="Exit 0 even when a model's records carry masking alarms (they are still marked).")
 @click.option("--merge-runs", is_flag=True,
               help="Combine records of one model from different runs (other seed, budget or mode): an "
                    "example counts as robust only if it is robust in every run. Without it such files are "
                    "refused.")
-def report_command(record_files, fmt, rows, columns, title, merge_runs):
+def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_unreliable):
     """Summarise records.csv files (or run directories) into a robust-accuracy table.
 
     Every number is a group-by of the per-example records: Nominal = clean accuracy, one column per
@@ -32,10 +34,13 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs):
     are combined (e.g. runs of different models), so the F3 table (regularizer variants) and the F4
     table (methods with their PGD steps) of the LLR paper are both one command.
 
-    The files are only read, never changed. Different checkpoints with the same name stay separate
-    rows (name [sha256 prefix]); records of one model, attack and ε from different runs (checkpoint,
-    attack configuration, seed or mode differ) or on different images are refused with a message that
-    says what differs, unless --merge-runs.
+    A model whose run raised masking alarms (alarms.csv beside its records.csv) is marked in an Alarms
+    column with the remedy under the table, and the command exits with status 3 unless
+    --allow-unreliable. The files are only read, never changed.
+
+    Different checkpoints with the same name stay separate rows (name [sha256 prefix]); records of one
+    model, attack and ε from different runs (checkpoint, attack configuration, seed or mode differ) or
+    on different images are refused with a message that says what differs, unless --merge-runs.
 
     \b
     Examples:
@@ -44,12 +49,22 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs):
       robusteval report runs/*/records.csv --rows model,train_steps --format markdown   # Table F4 style
       robusteval report runs/x/records.csv --rows model --columns eps --format csv
     """
-    from robusteval import records, reports
+    from pathlib import Path
+
+    from robusteval import alarms, records, reports
+    from robusteval.cli.attack import fail_if_unreliable
 
     df = records.read(list(record_files), merge_runs=merge_runs)
+    dirs = {Path(p) if Path(p).is_dir() else Path(p).parent for p in record_files}
+    checked = [d for d in dirs if (d / alarms.FILENAME).is_file()]
+    alarm_list = [a for d in sorted(checked) for a in alarms.read(d)] if checked else None
     table = reports.summarize(df, rows=_split(rows), columns=columns)
-    note = reports.mode_note(df) if columns == "attack" else None
+    if alarm_list is not None:
+        table = reports.mark_alarms(table, df, alarm_list)
+    note = "\n".join(filter(None, [reports.mode_note(df) if columns == "attack" else None,
+                                   reports.alarm_note(alarm_list)])) or None
     if fmt == "table":
         reports.print_table(table, title=title, note=note)
     else:
         click.echo(reports.render(table, fmt, note=note, title=title), nl=False)
+    fail_if_unreliable(alarm_list, allow_unreliable)

@@ -1,0 +1,132 @@
+"""Masking alarms (issue 10): each fires on a model built to trip it, none fires on the bundled zoo, and
+an alarm marks the number unreliable in the table, summary.md and every report, with its own exit status."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from robusteval import alarms, runner
+from robusteval.cli import cli
+from robusteval.data import load_npz
+from robusteval.models import list_zoo, load_model
+
+
+class Wrapped(nn.Module):
+    """The tiny trained CNN behind a transformation that masks or breaks it."""
+
+    def __init__(self, net: nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        k = self.kind
+        if k == "quantised":
+            return self.net(torch.round(x * 3) / 3)
+        if k == "step":
+            return self.net((x > 0.5).float())
+        if k == "softmax":
+            return torch.softmax(self.net(x), 1)
+        if k == "noise":
+            return self.net(x) + 0.5 * torch.randn(x.shape[0], 10)
+        if k == "autograd":
+            with torch.enable_grad():
+                probe = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.net(probe).sum(), probe)
+            return self.net(x) + 0 * g.flatten(1)[:, :10]
+        if k == "constant":
+            return torch.zeros(x.shape[0], 10) + torch.arange(10.0) * 0 + (self.net(x) * 0).detach()
+        return self.net(x)
+
+
+class QuantisedInput(nn.Module):
+    """The masked model as a user would ship it: input rounded to 4 grey levels, saved as TorchScript."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 3) / 3)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_npz):
+    return load_npz(tiny_npz)
+
+
+@pytest.fixture(scope="module")
+def net(tiny_ckpt):
+    return load_model(tiny_ckpt).model.eval()
+
+
+def _alarm_names(model, data, name="m", eps=(0.1,), **kw):
+    kw = {"steps": 20, "restarts": 1, "queries": 300, "batch_size": 32, "device": "cpu", "progress": False,
+          **kw}
+    df = runner.evaluate([(name, model)], ["untargeted"], list(eps), data, **kw)
+    return {a.alarm for a in df.attrs["alarms"]}
+
+
+@pytest.mark.parametrize("kind, alarm", [
+    ("quantised", "unusable-gradients"),
+    ("quantised", "black-box-beats-white-box"),
+    ("step", "unusable-gradients"),
+    ("softmax", "probability-outputs"),
+    ("noise", "randomness"),
+    ("autograd", "autograd-in-forward"),
+])
+def test_each_alarm_fires_on_a_model_built_to_trip_it(kind, alarm, net, data):
+    assert alarm in _alarm_names(Wrapped(net, kind).eval(), data)
+
+
+def test_no_convergence_at_large_eps_fires_on_a_model_no_attack_can_move(net, data):
+    # A constant classifier: its clean-correct examples stay correct at every radius.
+    found = _alarm_names(Wrapped(net, "constant").eval(), data)
+    assert "no-convergence-at-large-eps" in found
+
+
+def test_non_monotone_in_eps():
+    found = alarms.monotone_alarms("m", "sha", {0.05: 0.40, 0.1: 0.55, 0.2: 0.10}, n=100)
+    assert [(a.alarm, a.eps) for a in found] == [("non-monotone-in-eps", 0.1)]
+    assert alarms.monotone_alarms("m", "sha", {0.05: 0.40, 0.1: 0.405, 0.2: 0.10}, n=100) == []  # < 1 example
+
+
+def test_a_plain_model_raises_no_alarm(net, data):
+    assert _alarm_names(net, data) == set()
+
+
+def test_no_false_alarm_on_the_bundled_zoo(data):
+    names = [z for z in list_zoo() if z.startswith("fmnist-")]
+    assert len(names) == 6
+    ds = data.subset(slice(0, 24))
+    models = [load_model(f"zoo:{z}") for z in names]
+    df = runner.evaluate(models, ["untargeted", "multi-targeted"], 0.1, ds, steps=40, restarts=2, queries=250,
+                         batch_size=24, device="cpu", progress=False)
+    assert df.attrs["alarms"] == [], [(a.model, a.alarm, a.detail) for a in df.attrs["alarms"]]
+    assert set(df["attack"]) == {"untargeted", "multi-targeted", "square"}  # the check ran, in the records
+
+
+def test_unreliable_is_marked_everywhere_with_its_own_exit_status(net, tiny_npz, tmp_path):
+    path = tmp_path / "quantised.pt"
+    torch.jit.script(QuantisedInput(net).eval()).save(str(path))
+    out = tmp_path / "run"
+    args = ["attack", "-m", str(path), "--dataset", f"npz:{tiny_npz}", "--n", "32", "--eps", "0.1", "-a",
+            "untargeted", "--steps", "10", "--restarts", "1", "--queries", "300", "--device", "cpu", "-q",
+            "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == alarms.UNRELIABLE_EXIT, result.output
+    assert "UNRELIABLE quantised: unusable-gradients" in result.stdout and "Alarms" in result.stdout
+    assert "Remedy:" in result.stdout and "--allow-unreliable" in result.stderr
+    summary = (out / "summary.md").read_text()
+    assert "UNRELIABLE quantised" in summary and "unusable-gradients" in summary
+    report = CliRunner().invoke(cli, ["report", str(out), "--format", "markdown"])
+    assert report.exit_code == alarms.UNRELIABLE_EXIT and "unusable-gradients" in report.stdout
+    allowed = CliRunner().invoke(cli, ["report", str(out), "--allow-unreliable"])
+    assert allowed.exit_code == 0 and "UNRELIABLE quantised" in allowed.stdout
+    # the worst case includes Square, which the gradient attacks could not match on this model
+    from robusteval import records
+
+    df = records.read(out)
+    assert "square" in set(df["attack"])
