@@ -8,9 +8,15 @@
 * **torchattacks** PGD (sign steps of 2.5ε/k, random start; Madry et al.) against robusteval's
   ``pgd-k`` (Adam 0.1) at the same k and restarts: robust accuracy and time.
 
+``--masked quantise`` / ``--masked softmax`` wraps each model the way a gradient-masking defense
+would (input rounded to 4 grey levels; a softmax at the output). robusteval's side then runs through
+``robusteval.runner.evaluate`` with the masking checks on, so its worst case includes the Square check
+and the alarms it raises are printed.
+
 Needs the ``bench`` extra: ``pip install -e ".[bench]"``. Example (CPU, the bundled zoo)::
 
     python benchmarks/vs_peers.py --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --n 200 --eps 0.1
+    python benchmarks/vs_peers.py --model zoo:fmnist-adv2 --masked quantise --n 100 --no-pgd
 """
 
 from __future__ import annotations
@@ -22,8 +28,22 @@ import time
 import torch
 
 import attacks
+from robusteval import runner
 from robusteval.data import load_dataset
 from robusteval.models import load_model
+
+
+class Masked(torch.nn.Module):
+    """A model behind a gradient-masking transformation (built here, as a defense would ship it)."""
+
+    def __init__(self, net: torch.nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        if self.kind == "quantise":
+            return self.net(torch.round(x * 3) / 3)  # 4 grey levels: the input gradient is exactly zero
+        return torch.softmax(self.net(x), 1)  # probabilities: the margin's gradient vanishes when confident
 
 
 def verified_robust(model, x, x_adv, y, eps):
@@ -35,21 +55,17 @@ def verified_robust(model, x, x_adv, y, eps):
     return (pred == y) | ~ok, int((~ok).sum())
 
 
-def run_robusteval(model, x, y, ids, eps, restarts, steps, batch):
+def run_robusteval(model, ds, eps, restarts, steps, batch, name="model"):
+    """robusteval's battery (untargeted, then multi-targeted on its survivors, then the Square check on
+    theirs) through the runner, which verifies every point; returns per-example robust flags (worst
+    case), seconds and the alarms raised."""
     t0 = time.perf_counter()
-    robust = torch.ones(len(x), dtype=torch.bool)
-    with torch.no_grad():
-        robust &= model(x).argmax(1) == y
-    for name in ("untargeted", "multi-targeted"):
-        atk = attacks.get(name, eps, restarts=restarts, steps=steps)
-        idx = robust.nonzero()[:, 0]
-        for s in range(0, len(idx), batch):
-            b = idx[s:s + batch]
-            res = attacks.run(atk, model, x[b], y[b], ids=ids[b], seed=0)
-            r, bad = verified_robust(model, x[b], res.x_adv, y[b], eps)
-            assert bad == 0, "robusteval returned an infeasible point"
-            robust[b] = r
-    return robust, time.perf_counter() - t0
+    df = runner.evaluate([(name, model)], ["untargeted", "multi-targeted"], eps, ds, batch_size=batch,
+                         device="cpu", progress=False, steps=steps, restarts=restarts)
+    seconds = time.perf_counter() - t0
+    worst = df.groupby("example_id", sort=False)["robust"].all()
+    robust = torch.tensor([bool(worst[int(i)]) for i in ds.ids.tolist()])
+    return robust, seconds, df.attrs["alarms"]
 
 
 def run_autoattack(model, x, y, eps, batch):
@@ -87,33 +103,47 @@ def main():
     p.add_argument("--pgd-steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--no-pgd", action="store_true", help="skip the torchattacks PGD comparison")
+    p.add_argument("--masked", choices=["quantise", "softmax"], default=None,
+                   help="evaluate each model behind a gradient-masking wrapper")
     args = p.parse_args()
     ds = load_dataset(args.dataset, n=args.n)
     x, y, ids = ds.images, ds.labels.long(), ds.ids.long()
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dataset} n={len(x)} ({ds.source}), eps={args.eps}")
-    print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} steps")
+    print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "
+          "steps, then the Square check (1,000 queries) on the survivors")
     rows = ["| model | clean | robusteval | AutoAttack | broken only by robusteval | only by AA "
-            "| time re / AA (s) |", "|" + "---|" * 7]
+            "| time re / AA (s) | robusteval alarms |", "|" + "---|" * 8]
     k = args.pgd_steps
     pgd_rows = [f"| model | torchattacks PGD-{k} | robusteval pgd-{k} | time ta / re (s) |",
                 "|---|---|---|---|"]
     for spec in args.model:
         model = load_model(spec).model.eval()
+        if args.masked:
+            model, spec = Masked(model, args.masked).eval(), f"{spec} ({args.masked})"
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
-        r_re, t_re = run_robusteval(model, x, y, ids, args.eps, args.restarts, args.steps, args.batch)
+        r_re, t_re, found = run_robusteval(model, ds, args.eps, args.restarts, args.steps, args.batch, spec)
+        names = ", ".join(sorted({a.alarm for a in found})) or "none"
+        for a in found:
+            print(f"# alarm {spec}: {a.alarm} — {a.detail}", flush=True)
         if not args.no_autoattack:
             r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch)
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | {r_aa.float().mean():.1%} | "
                         f"{int((~r_re & r_aa).sum())} | {int((r_re & ~r_aa).sum())} | {t_re:.0f} / {t_aa:.0f}"
-                        + (f" ({bad} infeasible AA points)" if bad else "") + " |")
-        r_ta, t_ta, r_pg, t_pg = run_pgd_pair(model, x, y, ids, args.eps, args.pgd_steps)
-        pgd_rows.append(f"| {spec} | {r_ta.float().mean():.1%} | {r_pg.float().mean():.1%} | "
-                        f"{t_ta:.1f} / {t_pg:.1f} |")
-        print("\n".join(rows if not args.no_autoattack else []), flush=True)
-    print()
-    print("\n".join(pgd_rows))
+                        + (f" ({bad} infeasible AA points)" if bad else "") + f" | {names} |")
+        else:
+            rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | – | – | – | {t_re:.0f} / – "
+                        f"| {names} |")
+        if not args.no_pgd:
+            r_ta, t_ta, r_pg, t_pg = run_pgd_pair(model, x, y, ids, args.eps, args.pgd_steps)
+            pgd_rows.append(f"| {spec} | {r_ta.float().mean():.1%} | {r_pg.float().mean():.1%} | "
+                            f"{t_ta:.1f} / {t_pg:.1f} |")
+        print("\n".join(rows), flush=True)
+    if not args.no_pgd:
+        print()
+        print("\n".join(pgd_rows))
 
 
 if __name__ == "__main__":
