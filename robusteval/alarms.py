@@ -19,7 +19,8 @@ Before attacking (:func:`pre_checks`, on at most :data:`SUBSET` examples):
 After attacking (:func:`post_checks`):
 
 * ``black-box-beats-white-box`` — Square, run on the survivors of the gradient attacks, breaks more
-  than :data:`BLACK_BOX_SHARE` of them;
+  than :data:`BLACK_BOX_SHARE` of them (Square runs :data:`CHECK_QUERIES` queries, or its full
+  :data:`FULL_QUERIES` once a pre-check has raised an alarm for the model; it is part of the worst case);
 * ``no-convergence-at-large-eps`` — an untargeted attack at ε = :data:`LARGE_EPS` leaves more than
   :data:`LARGE_EPS_ROBUST` of the clean-correct subset robust (an unbounded attack must break nearly
   everything);
@@ -49,7 +50,8 @@ BLACK_BOX_SHARE = 0.02  # and at least BLACK_BOX_MIN examples
 BLACK_BOX_MIN = 3
 LARGE_EPS = 0.5
 LARGE_EPS_ROBUST = 0.10
-CHECK_QUERIES = 1000  # Square's budget when it runs as the check (the full preset has 5,000)
+CHECK_QUERIES = 1000  # Square's budget when it runs as the check ...
+FULL_QUERIES = 5000  # ... and once a pre-check has already raised an alarm for the model (the preset's)
 UNRELIABLE_EXIT = 3
 FILENAME = "alarms.csv"
 COLUMNS = ("model", "checkpoint_sha256", "alarm", "eps", "detail", "remedy")
