@@ -119,8 +119,11 @@ def _autograd_calls():
 
 
 def pre_checks(name: str, sha: str, model, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int = 0,
-               ids=None) -> list[Alarm]:
-    """The checks before attacking, on ``x``/``y`` (clean-correct examples, at most :data:`SUBSET`)."""
+               ids=None, grad_model=None) -> list[Alarm]:
+    """The checks before attacking, on ``x``/``y`` (clean-correct examples, at most :data:`SUBSET`).
+
+    ``grad_model`` is what the attacks differentiate (a BPDA version), ``model`` by default.
+    """
     x, y = x[:SUBSET], y[:SUBSET]
     if len(x) == 0:
         return []
@@ -146,7 +149,7 @@ def pre_checks(name: str, sha: str, model, x: torch.Tensor, y: torch.Tensor, eps
         gens = attacks.generators(seed, ids.tolist(), 1 << 42)
         starts["random points of the ε-ball"] = threat.sample(x, gens)
     for where, point in starts.items():
-        g = _margin_grad(model, point, y).flatten(1)
+        g = _margin_grad(grad_model if grad_model is not None else model, point, y).flatten(1)
         unusable = ~torch.isfinite(g).all(1) | (g == 0).all(1)
         share = float(unusable.float().mean())
         if share > GRADIENT_SHARE:

@@ -60,6 +60,13 @@ class ModelEntry:
     model: nn.Module
     sha256: str
     meta: dict
+    #: What the attacks differentiate (the BPDA version with ``bpda=True``); ``None``: :attr:`model`.
+    #: Every point is verified on :attr:`model`.
+    attack_model: nn.Module | None = None
+
+    @property
+    def attacked(self) -> nn.Module:
+        return self.attack_model if self.attack_model is not None else self.model
 
     @property
     def train_method(self) -> str:
@@ -311,6 +318,7 @@ def evaluate(
     arch: str | None = None,
     checks: bool = True,
     queries: int | None = None,
+    bpda: bool = False,
 ) -> pd.DataFrame:
     """Evaluate ``models`` under the attack battery ``attack_names`` at each ``eps``; return the records.
 
@@ -323,7 +331,9 @@ def evaluate(
     ``out``: directory for ``records.csv`` (appended per batch; a rerun resumes); ``None`` keeps the
     records in memory only. ``checks`` runs the masking alarms of :mod:`robusteval.alarms` (Square ends
     the battery as the black-box check; ``queries`` sets Square's budget); the alarms are written to
-    ``out/alarms.csv`` and returned in ``records.attrs["alarms"]``. Returns the records of this
+    ``out/alarms.csv`` and returned in ``records.attrs["alarms"]``. ``bpda`` attacks each model through
+    :func:`robusteval.bpda.straight_through` (its name gets ``+bpda``; points are verified on the
+    original model). Returns the records of this
     evaluation (resumed rows included), in the schema of :mod:`robusteval.records`. Protocol: see the
     module docstring.
     """
@@ -363,7 +373,10 @@ def evaluate(
     for entry in entries:  # every model is checked against the data before any attack runs
         dev = device_of(entry.model, device)
         with eval_mode(entry.model):
-            clean[entry.name] = check_model(entry, dataset, eps_list, batch_size, dev, seed)
+            pred = check_model(entry, dataset, eps_list, batch_size, dev, seed)
+            if bpda:
+                _use_bpda(entry, dataset, batch_size, dev)  # renames the entry
+            clean[entry.name] = pred
             if checks:
                 found += _pre_checks(entry, dataset, clean[entry.name], max(eps_list), seed, dev)
     collected: list[dict] = []
@@ -414,6 +427,19 @@ def evaluate(
     return df.drop(columns=["_order", "_pos"]).reset_index(drop=True)
 
 
+def _use_bpda(entry: ModelEntry, ds: Dataset, batch_size: int, device) -> None:
+    """Attack ``entry`` through its straight-through version; its forward must equal the model's."""
+    from robusteval.bpda import straight_through
+
+    x = next(iter(ds.batches(batch_size)))[0].to(device)
+    st = straight_through(entry.model, x)
+    with torch.no_grad():
+        same = torch.equal(st(x), entry.model(x))
+    if not same:
+        raise UserError(f"the BPDA version of {entry.name!r} does not reproduce its outputs; `bpda` refused")
+    entry.attack_model, entry.name = st, f"{entry.name}+bpda"
+
+
 def _check_budget(overrides: dict, entry: ModelEntry, found: list) -> dict:
     """The black-box check gets Square's full budget once a pre-check already doubts the model's
     gradients (masking is then likely, and Square is the attack whose number counts)."""
@@ -430,13 +456,23 @@ def _clean_correct(ds: Dataset, clean_pred: torch.Tensor, device):
 
 def _pre_checks(entry: ModelEntry, ds: Dataset, clean_pred, eps: float, seed: int, device) -> list:
     x, y, ids = _clean_correct(ds, clean_pred, device)
-    return alarms.pre_checks(entry.name, entry.sha256, entry.model, x, y, eps, seed, ids)
+    found = alarms.pre_checks(entry.name, entry.sha256, entry.model, x, y, eps, seed, ids,
+                              grad_model=entry.attacked)
+    if entry.attack_model is None and any(a.alarm == "unusable-gradients" for a in found):
+        from robusteval.bpda import zero_gradient_ops
+
+        ops = zero_gradient_ops(entry.model, x[:2])
+        if ops:
+            hint = f"; the graph has zero-gradient ops ({', '.join(ops)}): try --bpda"
+            found = [alarms.Alarm(a.model, a.checkpoint_sha256, a.alarm, a.eps, a.detail + hint)
+                     if a.alarm == "unusable-gradients" else a for a in found]
+    return found
 
 
 def _post_checks(entry: ModelEntry, ds: Dataset, clean_pred, worst: dict, seed: int, device) -> list:
     x, y, ids = _clean_correct(ds, clean_pred, device)
     found = alarms.monotone_alarms(entry.name, entry.sha256, worst, len(ds))
-    big = alarms.large_eps_alarm(entry.name, entry.sha256, entry.model, x, y, ids, seed)
+    big = alarms.large_eps_alarm(entry.name, entry.sha256, entry.attacked, x, y, ids, seed)
     return found + ([big] if big else [])
 
 
@@ -527,7 +563,7 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
     ids = ds.ids[index].long()
     t0 = time.perf_counter()
     try:
-        res = attacks.run(atk, entry.model, x, y, ids=ids, seed=seed, on_run=on_run)
+        res = attacks.run(atk, entry.attacked, x, y, ids=ids, seed=seed, on_run=on_run)
     except attacks.NonFiniteLogits as exc:
         raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the "
                         f"ε = {atk.eps:.6g} ball of example {int(exc.example_ids[0])} (found by {atk.name}); "

@@ -93,6 +93,9 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
               help="Run every attack on every clean-correct example (independent per-attack columns).")
 @click.option("--queries", type=click.IntRange(min=1), default=None,
               help="Query budget of Square (default 5,000 as an attack, 1,000 as the black-box check).")
+@click.option("--bpda", is_flag=True,
+              help="Attack through a copy whose zero-gradient ops (round, floor, ceil, trunc, sign) pass "
+                   "gradients straight through (BPDA); points are verified on the original model.")
 @click.option("--no-checks", is_flag=True,
               help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
                    "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
@@ -101,7 +104,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
-                   no_checks, allow_unreliable, quiet):
+                   bpda, no_checks, allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
@@ -147,6 +150,6 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
     click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
     runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
                     seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
-                    queries=queries, **overrides)
+                    queries=queries, bpda=bpda, **overrides)
     title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
     fail_if_unreliable(show_results(out, title=title), allow_unreliable)

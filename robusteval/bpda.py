@@ -1,0 +1,118 @@
+"""BPDA (Athalye et al. 2018), automatically: zero-gradient operations become the identity on the backward
+pass only.
+
+Rounding and its relatives (``round``, ``floor``, ``ceil``, ``trunc``, ``sign``) have a zero or undefined
+derivative everywhere, so a model that quantises its input hides its gradients from every gradient attack.
+:func:`straight_through` captures the model's graph with ``torch.export`` (an exported ``.pt2`` program is
+used as it is), and replaces each such operation by one that computes exactly the same forward value and
+passes the incoming gradient through unchanged (straight-through). Forward outputs are bit-identical;
+every adversarial point is still verified on the original model by the runner.
+
+:func:`zero_gradient_ops` lists the operations found, for the alarm's message.
+
+Not covered: TorchScript archives (their graphs are not rewritten here; export the model instead) and
+comparisons feeding a ``where`` (the condition carries no gradient path to rewrite).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robusteval.errors import UserError
+
+_ATEN = torch.ops.aten
+#: Operations whose derivative is zero almost everywhere.
+ZERO_GRADIENT = {
+    _ATEN.round.default: "round", _ATEN.floor.default: "floor", _ATEN.ceil.default: "ceil",
+    _ATEN.trunc.default: "trunc", _ATEN.sign.default: "sign",
+}  # fmt: skip
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``op(x)`` forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, op):
+        return op(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _replacement(op):
+    def straight_through(x):
+        return _StraightThrough.apply(x, op)
+
+    straight_through.__name__ = f"straight_through_{ZERO_GRADIENT[op]}"
+    return straight_through
+
+
+def _graph_module(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    from robusteval.models.checkpoints import ExportedModel
+
+    if isinstance(model, ExportedModel):
+        return model.program
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError("`bpda` cannot rewrite a TorchScript archive; export the model with torch.export "
+                        "(a .pt2 program) or load it as a checkpoint")
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 — export fails in many ways; the user gets one line
+        raise UserError(f"`bpda` needs a model torch.export can capture ({str(exc).splitlines()[0][:120]})") \
+            from None
+    return program.module()
+
+
+def zero_gradient_ops(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the zero-gradient operations in the model's graph (empty when it cannot be captured)."""
+    try:
+        gm = _graph_module(model, example)
+    except UserError:
+        return []
+    return sorted({ZERO_GRADIENT[n.target] for n in gm.graph.nodes
+                   if n.op == "call_function" and n.target in ZERO_GRADIENT})
+
+
+class StraightThroughModel(nn.Module):
+    """The rewritten graph; ``replaced`` names the operations that pass gradients straight through."""
+
+    def __init__(self, gm: torch.fx.GraphModule, replaced: list[str]):
+        super().__init__()
+        self.graph_module, self.replaced = gm, replaced
+        for m in gm.modules():
+            object.__setattr__(m, "training", False)
+        self.training = False
+
+    def train(self, mode: bool = True) -> StraightThroughModel:
+        self.training = mode  # the captured graph's behaviour was fixed when it was captured (eval mode)
+        return self
+
+    def forward(self, x):
+        return self.graph_module(x)
+
+
+def straight_through(model: nn.Module, example: torch.Tensor) -> StraightThroughModel:
+    """The model with every zero-gradient operation straight-through on the backward pass.
+
+    ``example`` is a batch of inputs used to capture the graph (in eval mode). Raises a
+    :class:`UserError` when the graph cannot be captured or contains no such operation.
+    """
+    import copy
+
+    from robusteval.runtime import eval_mode
+
+    with eval_mode(model):
+        gm = copy.deepcopy(_graph_module(model, example))
+    replaced = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ZERO_GRADIENT:
+            replaced.append(ZERO_GRADIENT[node.target])
+            node.target = _replacement(node.target)
+    if not replaced:
+        raise UserError("`bpda` found no zero-gradient operation (round, floor, ceil, trunc, sign) in the "
+                        "model's graph; its gradients are hidden some other way")
+    gm.recompile()
+    return StraightThroughModel(gm, sorted(set(replaced)))
