@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import QuantisedInput
 from torch import nn
 
 from robusteval import alarms, runner
@@ -39,17 +40,6 @@ class Wrapped(nn.Module):
         if k == "constant":
             return torch.zeros(x.shape[0], 10) + torch.arange(10.0) * 0 + (self.net(x) * 0).detach()
         return self.net(x)
-
-
-class QuantisedInput(nn.Module):
-    """The masked model as a user would ship it: input rounded to 4 grey levels, saved as TorchScript."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(torch.round(x * 3) / 3)
 
 
 @pytest.fixture(scope="module")

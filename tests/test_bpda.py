@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
+from conftest import QuantisedInput
 
 from robusteval import bpda, runner
 from robusteval.cli import cli
 from robusteval.data import load_npz
 from robusteval.errors import UserError
 from robusteval.models import load_model
-
-
-class QuantisedInput(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(torch.round(x * 3) / 3)
 
 
 @pytest.fixture(scope="module")
