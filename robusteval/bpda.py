@@ -10,11 +10,17 @@ every adversarial point is still verified on the original model by the runner.
 
 :func:`zero_gradient_ops` lists the operations found, for the alarm's message.
 
-Not covered: TorchScript archives (their graphs are not rewritten here; export the model instead) and
-comparisons feeding a ``where`` (the condition carries no gradient path to rewrite).
+TorchScript archives cannot be captured by ``torch.export``; for them the same operations get a
+straight-through *autograd kernel* in the dispatcher while the copy runs
+(:class:`DispatcherStraightThrough`, with TorchScript's graph optimisation off, so the interpreter calls
+the dispatcher's autograd kernels instead of its own symbolic derivatives). Not covered: comparisons
+feeding a ``where`` (the condition carries no gradient path to rewrite).
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -49,14 +55,71 @@ def _replacement(op):
     return straight_through
 
 
+_NOTHING_TO_REPLACE = ("`bpda` found no zero-gradient operation (round, floor, ceil, trunc, sign) in the "
+                       "model's graph; its gradients are hidden some other way")
+_TORCHSCRIPT_NAMES = {f"aten::{name}": name for name in ZERO_GRADIENT.values()}
+
+
+@contextlib.contextmanager
+def _straight_through_kernels(ops: list[str]):
+    """While active: ``aten.<op>`` for each name in ``ops`` has an identity derivative (all callers)."""
+    lib = torch.library.Library("aten", "IMPL")
+    by_name = {name: op for op, name in ZERO_GRADIENT.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a registered kernel": on purpose, undone below
+        for name in ops:
+            lib.impl(name, lambda x, op=by_name[name]: _BelowAutograd.apply(x, op), "Autograd")
+    legacy = torch._C._jit_set_profiling_executor(False)
+    optimize = torch._C._get_graph_executor_optimize()
+    torch._C._set_graph_executor_optimize(False)  # no symbolic-derivative subgraphs: dispatcher kernels only
+    try:
+        yield
+    finally:
+        torch._C._set_graph_executor_optimize(optimize)
+        torch._C._jit_set_profiling_executor(legacy)
+        lib._destroy()
+
+
+class _BelowAutograd(torch.autograd.Function):
+    """``op(x)`` computed below the autograd key (the original kernel), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, op):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class DispatcherStraightThrough(nn.Module):
+    """A TorchScript model run with straight-through autograd kernels for ``replaced``."""
+
+    def __init__(self, model, replaced: list[str]):
+        super().__init__()
+        self.model, self.replaced = model, replaced
+        self.training = False
+
+    def train(self, mode: bool = True) -> DispatcherStraightThrough:
+        self.training = mode
+        return self
+
+    def forward(self, x):
+        with _straight_through_kernels(self.replaced):
+            return self.model(x)
+
+
+def _torchscript_ops(model) -> list[str]:
+    graph = model.inlined_graph if hasattr(model, "inlined_graph") else model.graph
+    return sorted({_TORCHSCRIPT_NAMES[n.kind()] for n in graph.nodes() if n.kind() in _TORCHSCRIPT_NAMES})
+
+
 def _graph_module(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     from robusteval.models.checkpoints import ExportedModel
 
     if isinstance(model, ExportedModel):
         return model.program
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UserError("`bpda` cannot rewrite a TorchScript archive; export the model with torch.export "
-                        "(a .pt2 program) or load it as a checkpoint")
     batch = torch.export.Dim("batch", min=1)
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -68,6 +131,8 @@ def _graph_module(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModu
 
 def zero_gradient_ops(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the zero-gradient operations in the model's graph (empty when it cannot be captured)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return _torchscript_ops(model)
     try:
         gm = _graph_module(model, example)
     except UserError:
@@ -94,7 +159,7 @@ class StraightThroughModel(nn.Module):
         return self.graph_module(x)
 
 
-def straight_through(model: nn.Module, example: torch.Tensor) -> StraightThroughModel:
+def straight_through(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The model with every zero-gradient operation straight-through on the backward pass.
 
     ``example`` is a batch of inputs used to capture the graph (in eval mode). Raises a
@@ -104,6 +169,11 @@ def straight_through(model: nn.Module, example: torch.Tensor) -> StraightThrough
 
     from robusteval.runtime import eval_mode
 
+    if isinstance(model, torch.jit.ScriptModule):
+        ops = _torchscript_ops(model)
+        if not ops:
+            raise UserError(_NOTHING_TO_REPLACE)
+        return DispatcherStraightThrough(model, ops)
     with eval_mode(model):
         gm = copy.deepcopy(_graph_module(model, example))
     replaced = []
@@ -112,7 +182,6 @@ def straight_through(model: nn.Module, example: torch.Tensor) -> StraightThrough
             replaced.append(ZERO_GRADIENT[node.target])
             node.target = _replacement(node.target)
     if not replaced:
-        raise UserError("`bpda` found no zero-gradient operation (round, floor, ceil, trunc, sign) in the "
-                        "model's graph; its gradients are hidden some other way")
+        raise UserError(_NOTHING_TO_REPLACE)
     gm.recompile()
     return StraightThroughModel(gm, sorted(set(replaced)))

@@ -64,17 +64,30 @@ def test_gradient_attacks_through_bpda_break_at_least_as_much_as_square(exported
     assert (attacked["robust"] == (attacked["adv_pred"] == attacked["label"])).all()
 
 
-def test_bpda_refuses_what_it_cannot_rewrite(tiny_ckpt, tiny_npz, data, tmp_path):
-    plain = load_model(tiny_ckpt).model
+def test_bpda_refuses_a_model_without_zero_gradient_ops(tiny_ckpt, data):
     with pytest.raises(UserError, match="no zero-gradient operation"):
-        bpda.straight_through(plain, data.images[:4])
+        bpda.straight_through(load_model(tiny_ckpt).model, data.images[:4])
+
+
+def test_bpda_on_a_torchscript_archive(tiny_ckpt, tiny_npz, data, tmp_path):
     path = tmp_path / "quantised.ts"
-    torch.jit.script(QuantisedInput(plain).eval()).save(str(path))
-    result = CliRunner().invoke(cli, ["attack", "-m", str(path), "--bpda", "--dataset", f"npz:{tiny_npz}",
-                                      "-q", "--device", "cpu", "--out", str(tmp_path / "o")])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert result.exit_code != 0 and len(errors) == 1 and "cannot rewrite a TorchScript" in errors[0]
-    assert "--bpda" in errors[0]  # the argument, worded as the flag
+    torch.jit.script(QuantisedInput(load_model(tiny_ckpt).model).eval()).save(str(path))
+    model = load_model(path).model
+    assert bpda.zero_gradient_ops(model, data.images[:2]) == ["round"]
+    st = bpda.straight_through(model, data.images[:8])
+    with torch.no_grad():
+        assert torch.equal(st(data.images), model(data.images))  # bit-identical forward
+    probe = data.images[:8].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(st(probe).sum(), probe)
+    assert bool((g != 0).any())
+    (plain,) = torch.autograd.grad(model(probe).sum(), probe, allow_unused=True)
+    assert plain is None or bool((plain == 0).all())  # the override is gone after the call
+    args = ["attack", "-m", str(path), "--bpda", "--dataset", f"npz:{tiny_npz}", "--n", "32", "--eps",
+            "0.1", "-a", "untargeted", "--steps", "20", "--restarts", "1", "--queries", "300", "--device",
+            "cpu", "-q", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "quantised+bpda" in result.stdout
 
 
 def test_bpda_on_the_command_line(exported, tiny_npz, tmp_path):
