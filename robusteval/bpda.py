@@ -13,8 +13,9 @@ every adversarial point is still verified on the original model by the runner.
 TorchScript archives cannot be captured by ``torch.export``; for them the same operations get a
 straight-through *autograd kernel* in the dispatcher while the copy runs
 (:class:`DispatcherStraightThrough`, with TorchScript's graph optimisation off, so the interpreter calls
-the dispatcher's autograd kernels instead of its own symbolic derivatives). Not covered: comparisons
-feeding a ``where`` (the condition carries no gradient path to rewrite).
+the dispatcher's autograd kernels instead of its own symbolic derivatives). Step functions made
+of a comparison — converted to numbers, or selecting in a ``where`` — get the identity derivative with
+respect to the compared input (``torch.export`` graphs and modules only).
 """
 
 from __future__ import annotations
@@ -53,6 +54,40 @@ def _replacement(op):
 
     straight_through.__name__ = f"straight_through_{ZERO_GRADIENT[op]}"
     return straight_through
+
+
+#: Comparisons: a step function made of one (``(x > t).float()`` or ``where(x > t, a, b)``) is given the
+#: identity derivative with respect to the compared input.
+COMPARISONS = {getattr(_ATEN, op).Scalar for op in ("gt", "lt", "ge", "le")} | \
+    {getattr(_ATEN, op).Tensor for op in ("gt", "lt", "ge", "le")}
+_CONVERSIONS = {_ATEN.to.dtype, _ATEN._to_copy.default}
+_WHERE = {_ATEN.where.self, _ATEN.where.ScalarSelf, _ATEN.where.ScalarOther, _ATEN.where.Scalar}
+
+
+def _through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``value`` forward (adding an exact zero), gradient passed to ``source`` unchanged."""
+    return value + (source - source.detach())
+
+
+def _step_functions(gm: torch.fx.GraphModule) -> int:
+    """Give every step function in the graph (a comparison converted to numbers, or selecting in a
+    ``where``) the identity derivative with respect to the compared input; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        cond = node.args[0]
+        if node.target not in _CONVERSIONS | _WHERE or cond.target not in COMPARISONS:
+            continue
+        source = cond.args[0]
+        shape = lambda n: tuple(n.meta["val"].shape) if "val" in getattr(n, "meta", {}) else None
+        if not isinstance(source, torch.fx.Node) or shape(source) is None or shape(source) != shape(node):
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(_through, (node, source))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        count += 1
+    return count
 
 
 _NOTHING_TO_REPLACE = ("`bpda` found no zero-gradient operation (round, floor, ceil, trunc, sign) in the "
@@ -137,8 +172,11 @@ def zero_gradient_ops(model: nn.Module, example: torch.Tensor) -> list[str]:
         gm = _graph_module(model, example)
     except UserError:
         return []
-    return sorted({ZERO_GRADIENT[n.target] for n in gm.graph.nodes
-                   if n.op == "call_function" and n.target in ZERO_GRADIENT})
+    names = {ZERO_GRADIENT[n.target] for n in gm.graph.nodes
+             if n.op == "call_function" and n.target in ZERO_GRADIENT}
+    steps = any(n.op == "call_function" and n.target in _CONVERSIONS | _WHERE and n.args
+                and getattr(n.args[0], "target", None) in COMPARISONS for n in gm.graph.nodes)
+    return sorted(names | ({"comparison"} if steps else set()))
 
 
 class StraightThroughModel(nn.Module):
@@ -181,6 +219,8 @@ def straight_through(model: nn.Module, example: torch.Tensor) -> nn.Module:
         if node.op == "call_function" and node.target in ZERO_GRADIENT:
             replaced.append(ZERO_GRADIENT[node.target])
             node.target = _replacement(node.target)
+    if _step_functions(gm):
+        replaced.append("comparison")
     if not replaced:
         raise UserError(_NOTHING_TO_REPLACE)
     gm.recompile()

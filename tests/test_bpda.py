@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import QuantisedInput
+from torch import nn
 
 from robusteval import bpda, runner
 from robusteval.cli import cli
@@ -97,3 +98,26 @@ def test_bpda_on_the_command_line(exported, tiny_npz, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output  # through BPDA the gradient attacks work: no alarm
     assert "quantised+bpda" in result.stdout and "none" in result.stdout
+
+
+class StepFunctions(nn.Module):
+    """Two step functions of the input: a comparison converted to numbers, and one selecting in a where."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net((x > 0.5).float()) + self.net(torch.where(x < 0.3, 1.0, 0.0))
+
+
+def test_bpda_passes_gradients_through_comparisons(tiny_ckpt, data):
+    model = StepFunctions(load_model(tiny_ckpt).model).eval()
+    x = data.images[:8]
+    assert bpda.zero_gradient_ops(model, x) == ["comparison"]
+    st = bpda.straight_through(model, x)
+    with torch.no_grad():
+        assert torch.equal(st(data.images), model(data.images))
+    probe = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(st(probe).sum(), probe)
+    assert bool((g != 0).any())
