@@ -15,7 +15,9 @@ straight-through *autograd kernel* in the dispatcher while the copy runs
 (:class:`DispatcherStraightThrough`, with TorchScript's graph optimisation off, so the interpreter calls
 the dispatcher's autograd kernels instead of its own symbolic derivatives). Step functions made
 of a comparison — converted to numbers, or selecting in a ``where`` — get the identity derivative with
-respect to the compared input (``torch.export`` graphs and modules only).
+respect to the compared input, and so do values picked by an ``argmax``/``argmin`` index (nearest-level
+quantisation) with respect to the index's same-shaped float input (``torch.export`` graphs and modules
+only).
 """
 
 from __future__ import annotations
@@ -67,6 +69,56 @@ _WHERE = {_ATEN.where.self, _ATEN.where.ScalarSelf, _ATEN.where.ScalarOther, _AT
 def _through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``value`` forward (adding an exact zero), gradient passed to ``source`` unchanged."""
     return value + (source - source.detach())
+
+
+_ARG_INDEX = {_ATEN.argmax.default, _ATEN.argmin.default}
+
+
+def _shape(node) -> str | None:
+    val = getattr(node, "meta", {}).get("val")
+    return str(tuple(val.shape)) if isinstance(val, torch.Tensor) else None
+
+
+def _is_float(node) -> bool:
+    val = getattr(node, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _nodes_in(args):
+    for a in args:
+        if isinstance(a, torch.fx.Node):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _nodes_in(a)
+
+
+def _float_ancestor(node, shape: str, depth: int = 6):
+    """The nearest floating-point ancestor of ``node`` (itself included) with the given shape."""
+    frontier = [node]
+    for _ in range(depth):
+        for n in frontier:
+            if _is_float(n) and _shape(n) == shape:
+                return n
+        frontier = [a for n in frontier for a in _nodes_in(n.args)]
+    return None
+
+
+def _argmax_quantisers(gm: torch.fx.GraphModule) -> int:
+    """Give every value picked by an ``argmax``/``argmin`` index (nearest-level quantisation) the identity
+    derivative with respect to the nearest same-shaped float input of the index; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not _is_float(node):
+            continue
+        index = next((a for a in _nodes_in(node.args) if a.target in _ARG_INDEX), None)
+        source = _float_ancestor(index.args[0], _shape(node)) if index is not None else None
+        if source is None:
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(_through, (node, source))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        count += 1
+    return count
 
 
 def _step_functions(gm: torch.fx.GraphModule) -> int:
@@ -176,7 +228,10 @@ def zero_gradient_ops(model: nn.Module, example: torch.Tensor) -> list[str]:
              if n.op == "call_function" and n.target in ZERO_GRADIENT}
     steps = any(n.op == "call_function" and n.target in _CONVERSIONS | _WHERE and n.args
                 and getattr(n.args[0], "target", None) in COMPARISONS for n in gm.graph.nodes)
-    return sorted(names | ({"comparison"} if steps else set()))
+    picks = any(n.op == "call_function" and _is_float(n)
+                and any(a.target in _ARG_INDEX for a in _nodes_in(n.args)) for n in gm.graph.nodes)
+    kinds = {"comparison"} if steps else set()
+    return sorted(names | kinds | ({"argmax-quantisation"} if picks else set()))
 
 
 class StraightThroughModel(nn.Module):
@@ -221,6 +276,8 @@ def straight_through(model: nn.Module, example: torch.Tensor) -> nn.Module:
             node.target = _replacement(node.target)
     if _step_functions(gm):
         replaced.append("comparison")
+    if _argmax_quantisers(gm):
+        replaced.append("argmax-quantisation")
     if not replaced:
         raise UserError(_NOTHING_TO_REPLACE)
     gm.recompile()

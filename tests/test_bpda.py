@@ -121,3 +121,27 @@ def test_bpda_passes_gradients_through_comparisons(tiny_ckpt, data):
     probe = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(st(probe).sum(), probe)
     assert bool((g != 0).any())
+
+
+class NearestLevel(nn.Module):
+    """Argmax-based quantisation: each pixel replaced by the nearest of 4 levels (an argmin index)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("levels", torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+
+    def forward(self, x):
+        return self.net(self.levels[(x[..., None] - self.levels).abs().argmin(-1)])
+
+
+def test_bpda_passes_gradients_through_argmax_quantisation(tiny_ckpt, data):
+    model = NearestLevel(load_model(tiny_ckpt).model).eval()
+    x = data.images[:8]
+    assert bpda.zero_gradient_ops(model, x) == ["argmax-quantisation"]
+    st = bpda.straight_through(model, x)
+    with torch.no_grad():
+        assert torch.equal(st(data.images), model(data.images))
+    probe = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(st(probe).sum(), probe)
+    assert bool((g != 0).any())

@@ -95,8 +95,8 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
               help="Query budget of Square (default 5,000 as an attack, 1,000 as the black-box check).")
 @click.option("--bpda", is_flag=True,
               help="Attack through a copy whose zero-gradient ops (round, floor, ceil, trunc, sign, step "
-                   "functions made of a comparison) pass gradients straight through (BPDA); points are "
-                   "verified on the original model.")
+                   "functions made of a comparison, argmax quantisation) pass gradients straight through "
+                   "(BPDA); points are verified on the original model.")
 @click.option("--no-checks", is_flag=True,
               help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
                    "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
