@@ -112,13 +112,17 @@ def _argmax_quantisers(gm: torch.fx.GraphModule) -> int:
             continue
         index = next((a for a in _nodes_in(node.args) if a.target in _ARG_INDEX), None)
         source = _float_ancestor(index.args[0], _shape(node)) if index is not None else None
-        if source is None:
-            continue
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(_through, (node, source))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        count += 1
+        if source is not None:
+            count += _insert_through(gm, node, source)
     return count
+
+
+def _insert_through(gm: torch.fx.GraphModule, node, source) -> int:
+    """Route every use of ``node`` through :func:`_through` with ``source``; returns 1."""
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_function(_through, (node, source))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return 1
 
 
 def _step_functions(gm: torch.fx.GraphModule) -> int:
@@ -133,12 +137,8 @@ def _step_functions(gm: torch.fx.GraphModule) -> int:
             continue
         source = cond.args[0]
         shape = lambda n: tuple(n.meta["val"].shape) if "val" in getattr(n, "meta", {}) else None
-        if not isinstance(source, torch.fx.Node) or shape(source) is None or shape(source) != shape(node):
-            continue
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(_through, (node, source))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        count += 1
+        if isinstance(source, torch.fx.Node) and shape(source) is not None and shape(source) == shape(node):
+            count += _insert_through(gm, node, source)
     return count
 
 

@@ -38,7 +38,7 @@ class Wrapped(nn.Module):
                 (g,) = torch.autograd.grad(self.net(probe).sum(), probe)
             return self.net(x) + 0 * g.flatten(1)[:, :10]
         if k == "constant":
-            return torch.zeros(x.shape[0], 10) + torch.arange(10.0) * 0 + (self.net(x) * 0).detach()
+            return torch.zeros(x.shape[0], 10)  # the same prediction whatever the input
         return self.net(x)
 
 
