@@ -37,12 +37,14 @@ from .engine import (
     run,
 )
 from .objectives import (
+    DLR,
     OBJECTIVES,
     CrossEntropy,
     LinearityGap,
     Margin,
     MostLikelyTarget,
     ObjectiveBase,
+    TargetedDLR,
     TargetedMargin,
     cross_entropy,
     linearity_gap,
@@ -82,6 +84,7 @@ __all__ = [
     "example_seed", "generators",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
+    "DLR", "TargetedDLR",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",
     "per_example_cross_entropy",
     "Adam", "AdamState", "Sign", "adam", "sign",

@@ -11,6 +11,7 @@ Definitions follow ALGORITHMS.md §1 and DeepMind's IBP library (``_maximize_mar
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -152,6 +153,49 @@ class LinearityGap(ObjectiveBase):
         return self.terms(self.loss(z, y), aux["loss0"], d, aux["grad0"])[0]
 
 
+_DLR_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class DLR(ObjectiveBase):
+    """Difference of logits ratio (Croce & Hein 2020), maximised: ``(max_{j≠y} z_j − z_y) / (z_π1 − z_π3)``
+    with ``π`` the logits sorted in decreasing order. Invariant to shifting and scaling the logits, so a
+    rescaled output cannot flatten it. Needs 3 classes; with fewer it falls back to the margin (and
+    warns once)."""
+
+    name = "dlr"
+    needs_delta = False
+
+    def __call__(self, z, y, delta=None, aux=None):
+        if z.shape[1] < 3:
+            warnings.warn("DLR needs at least 3 classes; using the margin instead", RuntimeWarning,
+                          stacklevel=2)
+            return margin_of(z, y)
+        top = z.sort(dim=1, descending=True).values
+        return margin_of(z, y) / (top[:, 0] - top[:, 2] + _DLR_EPS)
+
+
+@dataclass(frozen=True)
+class TargetedDLR(ObjectiveBase):
+    """Targeted DLR (Croce & Hein 2020), maximised: ``(z_t − z_y) / (z_π1 − (z_π3 + z_π4) / 2)`` towards
+    ``aux["target"]``. Needs 4 classes; with fewer it falls back to the pair margin ``z_t − z_y`` (and
+    warns once)."""
+
+    name = "targeted-dlr"
+    needs_target = True
+    needs_delta = False
+
+    def __call__(self, z, y, delta=None, aux=None):
+        t = aux["target"]
+        pair = z.gather(1, t[:, None])[:, 0] - z.gather(1, y[:, None])[:, 0]
+        if z.shape[1] < 4:
+            warnings.warn("targeted DLR needs at least 4 classes; using z_t − z_y instead", RuntimeWarning,
+                          stacklevel=2)
+            return pair
+        top = z.sort(dim=1, descending=True).values
+        return pair / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _DLR_EPS)
+
+
 margin = Margin()
 cross_entropy = CrossEntropy()
 targeted_margin = TargetedMargin()
@@ -165,4 +209,6 @@ OBJECTIVES = {
     "targeted-margin": TargetedMargin,
     "most-likely-target": MostLikelyTarget,
     "linearity-gap": LinearityGap,
+    "dlr": DLR,
+    "targeted-dlr": TargetedDLR,
 }

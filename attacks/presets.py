@@ -170,8 +170,9 @@ def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None
 
 # What a stored configuration may name: these types, and these functions by qualified name. Nothing
 # else is ever constructed or looked up, so reading a configuration runs no code.
-_CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin,
-                                         O.MostLikelyTarget, O.LinearityGap, Adam, Sign, Piecewise, LinfBall,
+_CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin, O.DLR,
+                                         O.TargetedDLR, O.MostLikelyTarget, O.LinearityGap, Adam, Sign,
+                                         Piecewise, LinfBall,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
                                          FinalIterate, UniformStart, NoStart, StripeStart, RandomSquares,
                                          WindowSchedule)}

@@ -452,3 +452,36 @@ def test_import_attacks_is_torch_only():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dlr_value_and_gradient_on_known_logits():
+    # z = [3, 1, 2, 0], y = 0: max_{j≠y} z_j = z_2 = 2, sorted z_π1 = 3, z_π3 = 1:
+    # DLR = (2 − 3) / (3 − 1) = −0.5; ∂/∂z = [(−d − n)/d², n/d², 1/d, 0] with n = −1, d = 2.
+    z = torch.tensor([[3.0, 1.0, 2.0, 0.0]], requires_grad=True)
+    value = attacks.DLR()(z, torch.tensor([0]))
+    assert value.item() == pytest.approx(-0.5)
+    (g,) = torch.autograd.grad(value.sum(), z)
+    torch.testing.assert_close(g, torch.tensor([[-0.25, -0.25, 0.5, 0.0]]))
+    # invariant to shifting and positive scaling of the logits
+    assert attacks.DLR()(z.detach() * 7 + 3, torch.tensor([0])).item() == pytest.approx(-0.5)
+
+
+def test_targeted_dlr_value_and_gradient_on_known_logits():
+    # z = [4, 1, 2, 0, 3], y = 0, t = 1: (z_t − z_y) / (z_π1 − (z_π3 + z_π4)/2) = (1 − 4) / (4 − (2 + 1)/2)
+    z = torch.tensor([[4.0, 1.0, 2.0, 0.0, 3.0]], requires_grad=True)
+    value = attacks.TargetedDLR()(z, torch.tensor([0]), aux={"target": torch.tensor([1])})
+    assert value.item() == pytest.approx(-3 / 2.5)
+    (g,) = torch.autograd.grad(value.sum(), z)
+    n, d = -3.0, 2.5  # ∂n = [−1, 1, 0, 0, 0]; ∂d = [1, −1/2 (z_1 is π4), −1/2 (z_2 is π3), 0, 0]
+    expected = torch.tensor([[(-d - n) / d**2, (d - n * -0.5) / d**2, -n * -0.5 / d**2, 0.0, 0.0]])
+    torch.testing.assert_close(g, expected)
+
+
+def test_dlr_falls_back_to_the_margin_with_too_few_classes():
+    z, y = torch.tensor([[1.0, 3.0]]), torch.tensor([0])
+    with pytest.warns(RuntimeWarning, match="at least 3 classes"):
+        assert attacks.DLR()(z, y).item() == attacks.margin_of(z, y).item()
+    z3 = torch.tensor([[1.0, 3.0, 2.0]])
+    with pytest.warns(RuntimeWarning, match="at least 4 classes"):
+        value = attacks.TargetedDLR()(z3, y, aux={"target": torch.tensor([2])})
+    assert value.item() == 1.0
