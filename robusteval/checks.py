@@ -29,11 +29,12 @@ def check_input_shape(name: str, meta: dict, input_shape) -> None:
                         f"{have}; pick the matching dataset")
 
 
-def check_outputs(name: str, z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, ids, what: str) -> None:
-    """Logits ``z`` of the batch ``x``: shape, number of classes against ``labels``, finiteness."""
+def check_outputs(name: str, z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None, ids,
+                  what: str) -> None:
+    """Logits ``z`` of the batch ``x``: shape, number of classes against ``labels`` (if given), finiteness."""
     if z.ndim != 2 or z.shape[0] != x.shape[0]:
         raise UserError(f"model {name!r} returned shape {tuple(z.shape)}, not [batch, classes] logits")
-    if z.shape[1] <= int(labels.max()):
+    if labels is not None and len(labels) and z.shape[1] <= int(labels.max()):
         raise UserError(f"model {name!r} has {z.shape[1]} outputs but the data has labels up to "
                         f"{int(labels.max())}")
     bad = ~torch.isfinite(z).all(1)

@@ -84,6 +84,11 @@ class ModelEntry:
         return None
 
 
+def _adds_check(names: Sequence, checks: bool) -> bool:
+    """Whether the checks append Square to the battery (they do unless it is already in it)."""
+    return checks and not any(str(getattr(n, "name", n)).lower() == "square" for n in names)
+
+
 def build_attacks(names: Sequence, eps: float, checks: bool = False, queries: int | None = None,
                   **overrides) -> list[attacks.Attack]:
     """Presets by name (or ready :class:`attacks.Attack` objects) at radius ``eps``, with overrides.
@@ -98,7 +103,7 @@ def build_attacks(names: Sequence, eps: float, checks: bool = False, queries: in
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     names = list(names)
-    if checks and not any(str(getattr(n, "name", n)).lower() == "square" for n in names):
+    if _adds_check(names, checks):
         names.append(attacks.get("square", eps, queries=queries or alarms.CHECK_QUERIES))
     built, seen = [], set()
     for item in names:
@@ -168,7 +173,8 @@ def load_entries(models, arch: str | None = None, device: str = "cpu") -> list[M
     return out
 
 
-def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids, name: str, what: str) -> torch.Tensor:
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, ids, name: str,
+             what: str) -> torch.Tensor:
     with torch.no_grad():
         z = model(x)
     fit_checks.check_outputs(name, z, x, y, ids, what)
@@ -229,8 +235,7 @@ def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, threat: attac
             f"({int(bad.sum())} of {len(x)} points bad)")
     if any(m.training for m in model.modules()):
         raise VerificationError("the model must be in eval mode for verification")
-    labels = torch.zeros(len(x_adv), dtype=torch.long)
-    return _forward(model, x_adv, labels, ids if ids is not None else torch.arange(len(x_adv)), name,
+    return _forward(model, x_adv, None, ids if ids is not None else torch.arange(len(x_adv)), name,
                     "the adversarial points")
 
 
@@ -349,8 +354,8 @@ def evaluate(
         raise UserError(f"batch size must be positive, got {batch_size}")
     overrides = dict(steps=steps, restarts=restarts, step_size=step_size, relative_step=relative_step,
                      checks=checks, queries=queries)
-    auto_check = len(build_attacks(attack_names, eps_list[0], **overrides)) > len(
-        build_attacks(attack_names, eps_list[0], **{**overrides, "checks": False}))  # also: bad names, early
+    build_attacks(attack_names, eps_list[0], **overrides)  # fail fast on a bad name before loading
+    auto_check = _adds_check(attack_names, checks)
     path = Path(out) / records.FILENAME if out is not None else None
     if path is not None:
         records.check_appendable(path)  # an unwritable output fails before any work

@@ -7,6 +7,7 @@ import re
 from fractions import Fraction
 
 from robusteval.errors import UserError
+from robusteval.runtime import resolve_device  # noqa: F401 — the commands' import point
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
@@ -67,5 +68,3 @@ def parse_step_size(text: str | None) -> tuple[float, bool] | None:
         raise UserError(f"invalid step size {text!r}: must be positive")
     return value, relative
 
-
-from robusteval.runtime import resolve_device  # noqa: E402,F401 — the commands' import point
