@@ -16,10 +16,12 @@ Pieces, each a small value you can swap:
 * threat models — :class:`LinfBall` (sampling, projection, membership);
 * objectives (maximised) — :data:`margin`, :data:`cross_entropy`, :data:`targeted_margin`,
   :data:`most_likely_target`, :class:`LinearityGap` (γ(ε, x) of the LLR paper);
-* optimizers — :func:`adam` (DeepMind's Adam, ε = 1e-9) and :func:`sign`, as ``(init, update)`` pairs;
+* optimizers — :func:`adam` (DeepMind's Adam, ε = 1e-9), :func:`sign` and :func:`apgd` (Auto-PGD's
+  step-size rule), with explicit state;
 * schedules — :func:`constant`, :func:`piecewise` (boundaries as fractions of the run);
 * presets — ``untargeted``, ``random-targeted``, ``multi-targeted``, ``fgsm-20``, ``pgd-K``,
-  ``local-linearity`` (:data:`PRESETS`, :func:`get`).
+  ``local-linearity``, ``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``square`` (:data:`PRESETS`, :func:`get`);
+  batteries ``standard`` and ``paper`` (:data:`BATTERIES`, :func:`expand`).
 
 The package name is generic; it ships inside the ``robusteval`` distribution and is not published on
 its own. Sources: ALGORITHMS.md (project design), the LLR supplementary, DeepMind's IBP attack library.
@@ -54,10 +56,15 @@ from .objectives import (
     per_example_cross_entropy,
     targeted_margin,
 )
-from .optimizers import Adam, AdamState, Sign, adam, sign
+from .optimizers import APGD, Adam, AdamState, APGDState, Sign, adam, apgd, apgd_checkpoints, sign
 from .presets import (
+    BATTERIES,
     PRESETS,
     Registry,
+    apgd_ce,
+    apgd_dlr,
+    apgd_t,
+    expand,
     fgsm20,
     from_config,
     get,
@@ -72,23 +79,25 @@ from .presets import (
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Piecewise, constant, paper_decay, piecewise
 from .square import RandomSquares, WindowSchedule
-from .starts import NoStart, StripeStart, UniformStart
-from .targets import RandomTarget, RankedTargets, Untargeted
+from .starts import DiverseStart, NoStart, StripeStart, UniformStart
+from .targets import RandomTarget, RankedTargets, Untargeted, linearised_distance
 from .threats import LinfBall
 
 __all__ = [
     "Attack", "NonFiniteLogits", "Result", "run",
     "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
-    "UniformStart", "NoStart", "StripeStart", "RandomSquares", "WindowSchedule", "square",
+    "UniformStart", "NoStart", "StripeStart", "DiverseStart", "linearised_distance", "RandomSquares",
+    "WindowSchedule", "square",
     "example_seed", "generators",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",
     "per_example_cross_entropy",
-    "Adam", "AdamState", "Sign", "adam", "sign",
+    "Adam", "AdamState", "Sign", "adam", "sign", "APGD", "APGDState", "apgd", "apgd_checkpoints",
     "Piecewise", "constant", "piecewise", "paper_decay",
-    "PRESETS", "Registry", "get", "names", "from_config",
+    "PRESETS", "BATTERIES", "Registry", "get", "names", "from_config", "expand",
+    "apgd_ce", "apgd_dlr", "apgd_t",
     "untargeted", "random_targeted", "multi_targeted", "fgsm20", "pgd", "local_linearity",
 ]

@@ -27,6 +27,7 @@ each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -34,7 +35,7 @@ import torch
 from .objectives import margin_of
 from .optimizers import select
 from .protocols import Objective, Optimizer, Schedule, Threat
-from .starts import NoStart, StartPolicy, StripeStart, UniformStart
+from .starts import DiverseStart, NoStart, StartPolicy, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 _MASK64 = (1 << 64) - 1
@@ -267,7 +268,7 @@ class Attack:
             raise ValueError("steps must be ≥ 0 and restarts ≥ 1")
         if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
-        if not isinstance(self.start, (UniformStart, NoStart, StripeStart)):
+        if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart)):
             raise ValueError(f"start must be a start policy, got {self.start!r}")
         if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate)):
             raise ValueError("tracking must be Evasion(), Maximize() or FinalIterate(), "
@@ -426,22 +427,35 @@ def run(
     counter["rows"] += n if set(prepared) != set(aux) else 0
     num_classes = z0.shape[1]
     trials = attack.targets.trials(attack.restarts, num_classes)
-    targets = attack.targets.assign(z0, y, ids, seed, num_classes)
+    targets = attack.targets.assign(z0, y, ids, seed, num_classes, model=model, x=x)
+    counter["rows"] += n if getattr(attack.targets, "needs_model", False) else 0
     best = _Best.initial(x, z0, margin_of(z0, y), track.evades)
     for j, (_, slot) in enumerate(trials):
         act = (~best.success).nonzero()[:, 0] if track.evades else torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
         xs, gens = x[act], generators(seed, ids[act.cpu()].tolist(), j)
-        start = attack.start(xs, attack.threat, gens)  # the optimizer may keep drawing from gens
-        rows = _Rows(act, xs, y[act], start, attack.threat.box(xs), {k: v[act] for k, v in prepared.items()},
-                     None if slot is None else targets[act, slot], attack.optimizer.init(start, gens),
-                     best.gather(act))
+        start = attack.start(xs, attack.threat, gens, model=model)  # the optimizer may keep drawing from gens
+        counter["rows"] += act.numel() * getattr(attack.start, "steps", 0)
+        box = attack.threat.box(xs)
+        state = _init_state(attack.optimizer, start, gens, attack.steps, box)
+        rows = _Rows(act, xs, y[act], start, box, {k: v[act] for k, v in prepared.items()},
+                     None if slot is None else targets[act, slot], state, best.gather(act))
         rows = _ascend(attack, model, rows, j, compact, best, counter)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
             on_run(j, len(trials), int((~best.success).sum()))
     return _result(attack, x, ids, z0, best, counter)
+
+
+def _init_state(opt, x, gens, steps: int, box):
+    """``opt.init`` with the run's length and feasible box for optimizers that take them (``steps=``,
+    ``box=`` or ``**kwargs`` in their signature); an optimizer written to the older ``init(x,
+    generators)`` is called as before."""
+    params = inspect.signature(opt.init).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return opt.init(x, gens, steps=steps, box=box)
+    return opt.init(x, gens, **{k: v for k, v in (("steps", steps), ("box", box)) if k in params})
 
 
 def _ascend(attack: Attack, model, rows: _Rows, j: int, compact: bool, best: _Best, counter: dict) -> _Rows:

@@ -36,17 +36,19 @@ class Objective(Protocol):
 class Optimizer(Protocol):
     """Proposes the next iterate of each example from the current one.
 
-    ``state = init(x, generators)`` (one generator per example, for optimizers that draw random
-    proposals); ``x_next, state = step(x, grad, value, state, lr)`` with ``grad`` the gradient
-    of the objective at ``x`` when ``uses_gradient`` (``None`` otherwise: a gradient-free search, which
-    may accept or reject a proposal per example from ``value``). The engine projects ``x_next`` onto the
-    threat set. Every state field with a leading batch dimension is a tensor, so the engine can drop
-    rows (:func:`attacks.optimizers.select`).
+    ``state = init(x, generators, steps=..., box=...)``: one generator per example (for optimizers that
+    draw random proposals), the run's number of steps and the feasible interval ``(lo, hi)`` of every
+    coordinate (for rules with checkpoints or an inner projection; an ``init`` that does not name
+    ``steps``/``box`` is not given them). ``x_next, state = step(x, grad, value, state, lr)`` with
+    ``grad`` the gradient of the objective at ``x`` when ``uses_gradient`` (``None`` otherwise: a
+    gradient-free search, which may accept or reject a proposal per example from ``value``). The engine
+    projects ``x_next`` onto the threat set. Every state field with a leading batch dimension is a
+    tensor, so the engine can drop rows (:func:`attacks.optimizers.select`).
     """
 
     uses_gradient: bool
 
-    def init(self, x: torch.Tensor, generators=None) -> Any: ...
+    def init(self, x: torch.Tensor, generators=None, **run) -> Any: ...
 
     def step(self, x: torch.Tensor, grad: torch.Tensor | None, value: torch.Tensor, state: Any,
              lr: float) -> tuple[torch.Tensor, Any]: ...

@@ -66,7 +66,7 @@ class RandomSquares:
     uses_gradient = False
     name = "random-squares"
 
-    def init(self, x: torch.Tensor, generators=None) -> SquareState:
+    def init(self, x: torch.Tensor, generators=None, **run) -> SquareState:
         if generators is None or len(generators) != x.shape[0]:
             raise ValueError("Square needs one generator per example")
         if x.ndim != 4:

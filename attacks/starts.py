@@ -1,6 +1,7 @@
 """Start policies: where each run of an attack begins, drawn from the example's own generators.
 
-``start(x, threat, generators) -> x0`` inside the threat set. The generators (one per example, seeded by
+``start(x, threat, generators, model) -> x0`` inside the threat set (``model``: what is attacked, for
+starts that look at its outputs). The generators (one per example, seeded by
 (seed, example id, run)) are then handed to the optimizer, which may keep drawing from them (Square's
 random windows), so every random choice of an example depends on nothing but its id and the seed.
 """
@@ -16,7 +17,7 @@ import torch
 class UniformStart:
     """``x + U(−ε, ε)``, projected (IBP ``random_init=1``; the PGD presets)."""
 
-    def __call__(self, x: torch.Tensor, threat, generators) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threat, generators, model=None) -> torch.Tensor:
         return threat.sample(x, generators)
 
 
@@ -24,7 +25,7 @@ class UniformStart:
 class NoStart:
     """The clean input itself."""
 
-    def __call__(self, x: torch.Tensor, threat, generators) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threat, generators, model=None) -> torch.Tensor:
         return x.clone()
 
 
@@ -33,7 +34,7 @@ class StripeStart:
     """Square's L∞ initialisation (Andriushchenko et al. 2020): vertical stripes — one random sign per
     channel and image column, ``x ± ε`` along the whole column — projected onto the threat set."""
 
-    def __call__(self, x: torch.Tensor, threat, generators) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threat, generators, model=None) -> torch.Tensor:
         if len(generators) != x.shape[0]:
             raise ValueError("one generator per example is required")
         if x.ndim != 4:
@@ -44,4 +45,37 @@ class StripeStart:
         return threat.project(x + torch.where(s, -threat.eps, threat.eps).to(x.dtype), x)
 
 
-StartPolicy = UniformStart | NoStart | StripeStart
+@dataclass(frozen=True)
+class DiverseStart:
+    """Output-diversified initialisation (ODI; Tashiro et al., NeurIPS 2020): from a uniform random start,
+    ``steps`` sign steps of size ε that maximise ``w · z(x)`` for a random direction ``w ∈ [−1, 1]^C`` in
+    the output space, drawn from the example's own generator. Restarts then begin on different faces of
+    the ball rather than in the basin nearest the clean point. Costs ``steps`` forward+backward passes."""
+
+    steps: int = 2
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError("diverse starts need at least one step")
+
+    def __call__(self, x: torch.Tensor, threat, generators, model=None) -> torch.Tensor:
+        if model is None:
+            raise ValueError("diverse starts need the model")
+        x0 = threat.sample(x, generators)
+        box = threat.box(x)
+        w = None
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                leaf = x0.detach().requires_grad_(True)
+                z = model(leaf)
+                if w is None:
+                    rows = [torch.rand(z.shape[1], generator=g) for g in generators]
+                    w = (torch.stack(rows) * 2 - 1).to(z.device, z.dtype) if rows else z.new_zeros(z.shape)
+                (grad,) = torch.autograd.grad((z * w).sum(), leaf, allow_unused=True)
+            if grad is None:
+                break
+            x0 = threat.project(x0 + threat.eps * grad.sign(), x, box)
+        return x0.detach()
+
+
+StartPolicy = UniformStart | NoStart | StripeStart | DiverseStart

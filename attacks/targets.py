@@ -26,7 +26,7 @@ class Untargeted:
     def trials(self, restarts: int, num_classes: int) -> list[tuple[int, int | None]]:
         return [(r, None) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int):
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
         return None
 
 
@@ -40,7 +40,7 @@ class RandomTarget:
     def trials(self, restarts: int, num_classes: int) -> list[tuple[int, int | None]]:
         return [(r, 0) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int):
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
         from .engine import generators
 
         offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g))
@@ -50,16 +50,29 @@ class RandomTarget:
 
 @dataclass(frozen=True)
 class RankedTargets:
-    """The wrong classes ranked by clean logit (highest first), the first ``k`` of them (all when
-    ``None``). Restarts cycle over them round-robin, or, with ``all=True``, every restart runs every
-    target (DeepMind's IBP semantics, R·K runs)."""
+    """The wrong classes ranked at the clean point, the first ``k`` of them (all when ``None``).
+    Restarts cycle over them round-robin, or, with ``all=True``, every restart runs every target
+    (DeepMind's IBP semantics, R·K runs).
+
+    ``by="logit"``: highest clean logit first. ``by="linearised"``: smallest linearised distance to the
+    class boundary first, ``(z_y − z_t) / ‖∇ₓ(z_y − z_t)‖₁`` — the L∞ distance at which the first-order
+    model of the pair margin reaches 0 (MALT, Melamed et al. 2024); it needs one forward and C backward
+    passes per example, once. Ties (e.g. zero gradients) keep the logit order.
+    """
 
     k: int | None = None
     all: bool = False
+    by: str = "logit"
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:
             raise ValueError("the number of targets must be ≥ 1")
+        if self.by not in ("logit", "linearised"):
+            raise ValueError("targets are ranked by 'logit' or 'linearised'")
+
+    @property
+    def needs_model(self) -> bool:
+        return self.by == "linearised"
 
     def slots(self, num_classes: int) -> int:
         return min(self.k or num_classes - 1, num_classes - 1)
@@ -70,9 +83,37 @@ class RankedTargets:
             return [(r, s) for r in range(restarts) for s in range(k)]
         return [(r, r % k) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int):
-        others = z0.masked_fill(torch.nn.functional.one_hot(y, num_classes).bool(), float("-inf"))
-        return torch.sort(others, dim=1, descending=True, stable=True).indices[:, :self.slots(num_classes)]
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
+        true = torch.nn.functional.one_hot(y, num_classes).bool()
+        order = torch.sort(z0.masked_fill(true, float("-inf")), dim=1, descending=True, stable=True).indices
+        if self.by == "linearised":
+            if model is None or x is None:
+                raise ValueError("ranking targets by linearised distance needs the model and the inputs")
+            dist = linearised_distance(model, x, y).masked_fill(true, float("inf"))
+            order = order.gather(1, torch.sort(dist.gather(1, order), dim=1, stable=True).indices)
+        return order[:, :self.slots(num_classes)]
+
+
+def linearised_distance(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: ``(z_y − z_c) / ‖∇ₓ(z_y − z_c)‖₁`` at ``x`` for every class ``c`` (0 for ``c = y``).
+
+    One forward pass and one backward pass per class over the batch; each row depends on its own
+    example only (the model is in eval mode)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        z = model(leaf)
+        zy = z.gather(1, y[:, None])
+        dist = torch.zeros(z.shape, device=x.device, dtype=z.dtype)
+        for c in range(z.shape[1]):
+            diff = zy[:, 0] - z[:, c]
+            if not diff.requires_grad:
+                dist[:, c] = float("inf")
+                continue
+            (grad,) = torch.autograd.grad(diff.sum(), leaf, retain_graph=c < z.shape[1] - 1,
+                                          allow_unused=True)
+            norm = grad.flatten(1).abs().sum(1) if grad is not None else torch.zeros_like(diff)
+            dist[:, c] = diff.detach() / norm.clamp_min(1e-12)
+    return dist.detach()
 
 
 TargetPolicy = Untargeted | RandomTarget | RankedTargets

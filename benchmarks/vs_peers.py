@@ -1,22 +1,27 @@
 """Strength and speed against peer tools on the same models, examples and device.
 
 * **AutoAttack** (``pyautoattack``, the reference implementation packaged; ``version="standard"``:
-  APGD-CE, APGD-T with 9 targets, FAB-T, Square with 5000 queries) against robusteval's battery
-  ``untargeted`` then ``multi-targeted`` on its survivors. Reported: robust accuracy of each, the
-  examples one breaks and the other does not, and wall time. Every adversarial point from either tool
-  is re-checked here (inside the ε-ball and [0, 1], re-classified in eval mode) before it counts.
+  APGD-CE, APGD-T with 9 targets, FAB-T, Square with 5000 queries) against robusteval's battery —
+  ``standard`` by default (APGD-CE, then targeted APGD towards the 3 classes nearest by linearised
+  distance, then the Square check, each on the survivors of the ones before), or ``--battery reduced``
+  (untargeted + multi-targeted at ``--restarts`` × ``--steps``). Reported: robust accuracy of each, the
+  examples one breaks and the other does not, wall time, and forward and backward passes per example
+  (counted by a wrapper around the model: every example row through ``forward``, every example row
+  whose logits receive a gradient). Every adversarial point from either tool is re-checked here (inside
+  the ε-ball and [0, 1], re-classified in eval mode) before it counts.
 * **torchattacks** PGD (sign steps of 2.5ε/k, random start; Madry et al.) against robusteval's
   ``pgd-k`` (Adam 0.1) at the same k and restarts: robust accuracy and time.
 
 ``--masked quantise`` / ``--masked softmax`` wraps each model the way a gradient-masking defense
-would (input rounded to 4 grey levels; a softmax at the output). robusteval's side then runs through
+would (input rounded to 4 grey levels; a softmax at the output). robusteval's side always runs through
 ``robusteval.runner.evaluate`` with the masking checks on, so its worst case includes the Square check
 and the alarms it raises are printed.
 
 Needs the ``bench`` extra: ``pip install -e ".[bench]"``. Example (CPU, the bundled zoo)::
 
-    python benchmarks/vs_peers.py --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --n 200 --eps 0.1
+    python benchmarks/vs_peers.py --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --n 200 --eps 0.1 --no-pgd
     python benchmarks/vs_peers.py --model zoo:fmnist-adv2 --masked quantise --n 100 --no-pgd
+    python benchmarks/vs_peers.py --model zoo:fmnist-adv10 --n 1000 --device cuda --no-pgd
 """
 
 from __future__ import annotations
@@ -55,13 +60,34 @@ def verified_robust(model, x, x_adv, y, eps):
     return (pred == y) | ~ok, int((~ok).sum())
 
 
-def run_robusteval(model, ds, eps, restarts, steps, batch, name="model"):
-    """robusteval's battery (untargeted, then multi-targeted on its survivors, then the Square check on
-    theirs) through the runner, which verifies every point; returns per-example robust flags (worst
-    case), seconds and the alarms raised."""
+class Counted(torch.nn.Module):
+    """Counts example rows through ``forward`` and example rows whose logits get a gradient (backward)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.forward_rows = self.backward_rows = 0
+
+    def forward(self, x):
+        z = self.net(x)
+        self.forward_rows += x.shape[0]
+        if z.requires_grad:
+            z.register_hook(self._count)
+        return z
+
+    def _count(self, grad):
+        self.backward_rows += grad.shape[0]
+
+    def reset(self):
+        self.forward_rows = self.backward_rows = 0
+
+
+def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None):
+    """robusteval's battery, then the Square check on its survivors, through the runner (which verifies
+    every point); returns per-example robust flags (worst case), seconds and the alarms raised."""
     t0 = time.perf_counter()
-    df = runner.evaluate([(name, model)], ["untargeted", "multi-targeted"], eps, ds, batch_size=batch,
-                         device="cpu", progress=False, steps=steps, restarts=restarts)
+    df = runner.evaluate([(name, model)], battery, eps, ds, batch_size=batch, device=device, progress=False,
+                         steps=steps, restarts=restarts)
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
     robust = torch.tensor([bool(worst[int(i)]) for i in ds.ids.tolist()])
@@ -72,11 +98,18 @@ def run_autoattack(model, x, y, eps, batch):
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=0, device=str(x.device))
+    _sync(x.device)
     t0 = time.perf_counter()
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch)
+    _sync(x.device)
     seconds = time.perf_counter() - t0
     robust, bad = verified_robust(model, x, x_adv, y, eps)
     return robust, seconds, bad
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_pgd_pair(model, x, y, ids, eps, steps):
@@ -98,46 +131,68 @@ def main():
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--restarts", type=int, default=5, help="robusteval restarts per attack")
-    p.add_argument("--steps", type=int, default=100, help="robusteval steps per restart")
+    p.add_argument("--battery", choices=["standard", "reduced"], default="standard")
+    p.add_argument("--restarts", type=int, default=5, help="restarts per attack of the reduced battery")
+    p.add_argument("--steps", type=int, default=100, help="steps per restart of the reduced battery")
     p.add_argument("--pgd-steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--no-autoattack", action="store_true")
     p.add_argument("--no-pgd", action="store_true", help="skip the torchattacks PGD comparison")
     p.add_argument("--masked", choices=["quantise", "softmax"], default=None,
                    help="evaluate each model behind a gradient-masking wrapper")
     args = p.parse_args()
+    device = torch.device(args.device)
     ds = load_dataset(args.dataset, n=args.n)
-    x, y, ids = ds.images, ds.labels.long(), ds.ids.long()
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.dataset} n={len(x)} ({ds.source}), eps={args.eps}")
-    print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "
-          "steps, then the Square check (1,000 queries) on the survivors")
+    x, y, ids = ds.images.to(device), ds.labels.long().to(device), ds.ids.long()
+    print(f"# {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", {args.dataset} n={len(x)} ({ds.source}), eps={args.eps}, {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.battery == "standard":
+        battery, kw = ["standard"], {}
+        print("# robusteval battery: standard (apgd-ce, apgd-t), then the Square check on the survivors")
+    else:
+        battery, kw = ["untargeted", "multi-targeted"], dict(restarts=args.restarts, steps=args.steps)
+        print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "
+              "steps, then the Square check on the survivors")
     rows = ["| model | clean | robusteval | AutoAttack | broken only by robusteval | only by AA "
-            "| time re / AA (s) | robusteval alarms |", "|" + "---|" * 8]
+            "| time re / AA (s) | ratio | fwd / bwd per example re | fwd / bwd per example AA "
+            "| robusteval alarms |", "|" + "---|" * 11]
     k = args.pgd_steps
     pgd_rows = [f"| model | torchattacks PGD-{k} | robusteval pgd-{k} | time ta / re (s) |",
                 "|---|---|---|---|"]
     for spec in args.model:
-        model = load_model(spec).model.eval()
+        net = load_model(spec, device=str(device)).model.eval()
         if args.masked:
-            model, spec = Masked(model, args.masked).eval(), f"{spec} ({args.masked})"
+            net, spec = Masked(net, args.masked).eval(), f"{spec} ({args.masked})"
+        model = Counted(net).eval()
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
-        r_re, t_re, found = run_robusteval(model, ds, args.eps, args.restarts, args.steps, args.batch, spec)
+        model.reset()
+        r_re, t_re, found = run_robusteval(model, ds, args.eps, battery, args.batch, str(device), spec, **kw)
+        cost_re = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
         names = ", ".join(sorted({a.alarm for a in found})) or "none"
         for a in found:
             print(f"# alarm {spec}: {a.alarm} — {a.detail}", flush=True)
         if not args.no_autoattack:
+            model.reset()
             r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch)
+            r_aa = r_aa.cpu()
+            cost_aa = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
+            only_aa = ids[~r_aa & r_re].tolist()
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | {r_aa.float().mean():.1%} | "
-                        f"{int((~r_re & r_aa).sum())} | {int((r_re & ~r_aa).sum())} | {t_re:.0f} / {t_aa:.0f}"
-                        + (f" ({bad} infeasible AA points)" if bad else "") + f" | {names} |")
+                        f"{int((~r_re & r_aa).sum())} | {len(only_aa)} | {t_re:.0f} / {t_aa:.0f}"
+                        + (f" ({bad} infeasible AA points)" if bad else "")
+                        + f" | {t_re / t_aa:.2f} | {cost_re} | {cost_aa} | {names} |")
+            if only_aa:
+                print(f"# broken only by AutoAttack ({spec}): example ids {only_aa}", flush=True)
         else:
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | – | – | – | {t_re:.0f} / – "
-                        f"| {names} |")
+                        "| – "
+                        f"| {cost_re} | – | {names} |")
         if not args.no_pgd:
-            r_ta, t_ta, r_pg, t_pg = run_pgd_pair(model, x, y, ids, args.eps, args.pgd_steps)
+            r_ta, t_ta, r_pg, t_pg = run_pgd_pair(net, x, y, ids, args.eps, args.pgd_steps)
             pgd_rows.append(f"| {spec} | {r_ta.float().mean():.1%} | {r_pg.float().mean():.1%} | "
                             f"{t_ta:.1f} / {t_pg:.1f} |")
         print("\n".join(rows), flush=True)

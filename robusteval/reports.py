@@ -35,11 +35,12 @@ NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε",
            "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
-_UPPER = {"fgsm", "pgd"}
+_UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t"}
 
 
 def attack_title(name: str) -> str:
-    """``multi-targeted`` → ``Multi-Targeted``, ``pgd-50`` → ``PGD-50`` (the paper's spelling)."""
+    """``multi-targeted`` → ``Multi-Targeted``, ``pgd-50`` → ``PGD-50``, ``apgd-ce`` → ``APGD-CE``
+    (the papers' spelling)."""
     return "-".join(p.upper() if p in _UPPER else p.capitalize() for p in str(name).split("-"))
 
 

@@ -102,7 +102,7 @@ def build_attacks(names: Sequence, eps: float, checks: bool = False, queries: in
     from robusteval import alarms
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    names = list(names)
+    names = attacks.expand(names)  # a battery name (standard, paper) stands for its members
     if _adds_check(names, checks):
         names.append(attacks.get("square", eps, queries=queries or alarms.CHECK_QUERIES))
     built, seen = [], set()

@@ -12,7 +12,8 @@ import torch.nn as nn
 import attacks
 from attacks import LinfBall
 
-EVASION = ["untargeted", "random-targeted", "multi-targeted", "fgsm-20", "pgd-50"]
+EVASION = ["untargeted", "random-targeted", "multi-targeted", "fgsm-20", "pgd-50", "apgd-ce", "apgd-dlr",
+           "apgd-t"]
 ALL = EVASION + ["local-linearity"]
 
 
@@ -237,7 +238,7 @@ def _split_runs(atk, model, x, y, ids, size, seed):
         torch.cat([p.steps for p in parts])
 
 
-@pytest.mark.parametrize("preset", ["untargeted", "random-targeted", "multi-targeted"])
+@pytest.mark.parametrize("preset", ["untargeted", "random-targeted", "multi-targeted", "apgd-ce", "apgd-t"])
 def test_same_seed_bit_identical_whatever_batch_size_or_order(preset, trained_cnn):
     net, x, y = trained_cnn
     model = RowWise(net).eval()

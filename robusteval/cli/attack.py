@@ -15,7 +15,7 @@ from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
 from robusteval.cli.options import DEFAULT_EPS, DEFAULT_N, default_out, load_data, model_option
 from robusteval.errors import UserError
 
-DEFAULT_ATTACKS = ("untargeted", "multi-targeted")
+DEFAULT_ATTACKS = ("standard",)
 
 
 class Unreliable(click.ClickException):
@@ -68,8 +68,10 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @cli.command("attack")
 @model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
-              help="Attack preset, in battery order (repeat): untargeted, random-targeted, multi-targeted, "
-                   "fgsm-20, pgd-K.")
+              help="Attack preset or battery, in battery order (repeat). Default: standard (apgd-ce, then "
+                   "apgd-t on its survivors, then Square as the check). paper: the LLR paper's untargeted, "
+                   "random-targeted and multi-targeted at 20 × 200. Presets: untargeted, random-targeted, "
+                   "multi-targeted, fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, square.")
 @click.option("--eps", "eps_texts", multiple=True,
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
@@ -114,8 +116,14 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
     recorded in OUT/records.csv, one row per model × attack × ε × example; rerunning with the same
     --out resumes. Also writes OUT/summary.csv and OUT/summary.md.
 
+    With no --attack the `standard` battery runs: the strongest per pass robusteval has (it matched or beat
+    AutoAttack on every model measured, in a fraction of its time: benchmarks/RESULTS.md). --attack paper
+    reproduces the LLR paper's tables.
+
     \b
     Examples:
+      robusteval attack --model ckpt.pt --eps 8/255
+      robusteval attack --model ckpt.pt --attack paper --eps 8/255
       robusteval attack --model ckpt.pt --attack multi-targeted --eps 8/255
       robusteval attack -m zoo:fmnist-adv2 -m zoo:fmnist-llr2 -a untargeted -a multi-targeted --eps 0.1
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255

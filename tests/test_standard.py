@@ -1,0 +1,216 @@
+"""The `standard` battery and its parts: APGD's step-size rule, linearised target ranking, diverse
+starts — analytic cases first, then strength on a real model and the CLI default (issue 11)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+import attacks
+from attacks.optimizers import APGD, apgd_checkpoints
+from robusteval import runner
+from robusteval.cli import cli
+from robusteval.data import load_dataset
+from robusteval.models import load_model
+
+
+def linear_model(d: int, classes: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, classes)).eval()
+
+
+def _corner(x, c, eps, bounds):
+    """argmax of c·x' over the L∞ ball ∩ box: each coordinate at the face its sign points to."""
+    lo, hi = (x - eps).clamp(min=bounds[0]), (x + eps).clamp(max=bounds[1])
+    return torch.where(c > 0, hi, lo)
+
+
+# ------------------------------------------------------------------------------------------- APGD
+
+
+def test_apgd_checkpoints_follow_the_published_rule():
+    # p: 0, .22, .41, .57, .70, .80, .87, .93, .99 (gaps shrink by .03 down to .06)
+    assert apgd_checkpoints(100) == (22, 41, 57, 70, 80, 87, 93, 99)
+    assert apgd_checkpoints(1000)[:3] == (220, 410, 570)
+    assert all(0 < w < 10 for w in apgd_checkpoints(10))
+
+
+def _scripted(values_per_step: list[list[float]], steps: int = 100):
+    """Drive the APGD rule with scripted objective values (2 examples, constant gradient); return the
+    step size of each example after every step and the proposals."""
+    opt = APGD()
+    x = torch.zeros(2, 3)
+    state = opt.init(x, steps=steps, box=(x - 1.0, x + 1.0))
+    etas, proposals = [], []
+    for t, vals in enumerate(values_per_step):
+        xt = torch.full((2, 3), float(t))  # a distinct iterate per step: the restart point is visible
+        prop, state = opt.step(xt, torch.ones(2, 3), torch.tensor(vals), state, 0.5)
+        etas.append(state.eta.clone())
+        proposals.append(prop)
+    return etas, proposals
+
+
+def test_apgd_halves_exactly_at_checkpoints_where_the_objective_stalls():
+    steps = 100
+    # example 0 rises at every step; example 1 is flat (never rises, never improves)
+    etas, _ = _scripted([[float(t), 1.0] for t in range(steps)], steps)
+    checks = apgd_checkpoints(steps)
+    for t in range(steps):
+        halvings = sum(1 for w in checks if w <= t)
+        assert etas[t][0] == 0.5  # a rising objective never halves
+        assert etas[t][1] == 0.5 / 2 ** halvings  # a flat one halves at every checkpoint
+
+
+def test_apgd_halves_when_too_few_steps_rise_and_restarts_from_the_best_point():
+    steps = 100
+    # example 0: rises in only 10 of the first 22 steps (< 75%) but keeps improving its best;
+    # example 1: rises in 18 of them (≥ 75%) and improves — no halving.
+    vals = []
+    for t in range(23):
+        if t <= 20:
+            a = float(t) if t % 2 == 0 else float(t) - 1.5  # rises at t = 2, 4, ..., 20
+        else:
+            a = 30.0 if t == 21 else 10.0  # the best point is iterate 21; iterate 22 falls back
+        b = float(t) if t % 5 else float(t) - 0.5  # rises at every step
+        vals.append([a, b])
+    etas, props = _scripted(vals, steps)
+    assert etas[21][0] == 0.5 and etas[22][0] == 0.25  # 11 of 22 steps rose (< 75%): halved at 22
+    assert etas[22][1] == 0.5
+    # the halved example steps from its best iterate (21), with no momentum: z = clamp(21 + .25, −1, 1)
+    # = 1 and 21 + 0.75·(1 − 21) = 6; the other steps on from iterate 22 with momentum from 21
+    assert torch.allclose(props[22][0], torch.full((3,), 6.0))
+    assert torch.allclose(props[22][1], torch.full((3,), 22 + 0.75 * (1.0 - 22) + 0.25 * (22 - 21)))
+
+
+# ------------------------------------------------------------------------------ target ranking
+
+
+def test_linearised_ranking_is_the_exact_boundary_distance_on_a_linear_model():
+    d, classes = 20, 7
+    model = linear_model(d, classes, seed=3)
+    x = 0.3 + 0.4 * torch.rand(50, d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = model(x)
+    y = z.argmax(1)
+    w = model[1].weight.detach()
+    exact = torch.stack([(z.gather(1, y[:, None])[:, 0] - z[:, c]) / (w[y] - w[c]).abs().sum(1)
+                         for c in range(classes)], 1)
+    dist = attacks.linearised_distance(model, x, y)
+    other = torch.ones_like(dist, dtype=torch.bool).scatter_(1, y[:, None], False)
+    torch.testing.assert_close(dist[other], exact[other], rtol=1e-5, atol=1e-6)
+    ranked = attacks.RankedTargets(3, all=True, by="linearised").assign(z, y, torch.arange(50), 0, classes,
+                                                                        model=model, x=x)
+    expected = exact.masked_fill(~other, float("inf")).argsort(1)[:, :3]
+    assert torch.equal(ranked, expected)
+    assert (ranked != y[:, None]).all()
+    by_logit = attacks.RankedTargets(3, all=True).assign(z, y, torch.arange(50), 0, classes)
+    assert not torch.equal(by_logit, ranked)  # the two rankings differ on this model
+
+
+# ---------------------------------------------------------------------------------- diverse starts
+
+
+def test_diverse_starts_stay_in_the_ball_depend_only_on_the_example_and_differ_from_uniform():
+    model = linear_model(16, 5, seed=0)
+    x = torch.rand(12, 16, generator=torch.Generator().manual_seed(1))
+    threat = attacks.LinfBall(0.1)
+    start = attacks.DiverseStart(2)
+    ids = list(range(40, 52))
+    full = start(x, threat, attacks.generators(0, ids, 0), model=model)
+    assert bool(threat.contains(full, x).all())
+    part = start(x[5:], threat, attacks.generators(0, ids[5:], 0), model=model)
+    assert torch.equal(part, full[5:])
+    uniform = attacks.UniformStart()(x, threat, attacks.generators(0, ids, 0))
+    assert (full != uniform).any(1).all()
+    # two sign steps of size ε from inside the ball land on its faces wherever w·z has a gradient
+    assert ((full - x).abs() >= 0.1 - 1e-6).float().mean() > 0.9
+    with pytest.raises(ValueError, match="need the model"):
+        start(x, threat, attacks.generators(0, ids, 0))
+
+
+# ------------------------------------------------------------------------------------- the battery
+
+
+def test_standard_battery_is_apgd_ce_then_targeted_apgd():
+    built = runner.build_attacks(["standard"], 0.1)
+    assert [a.name for a in built] == ["apgd-ce", "apgd-t"]
+    with_check = runner.build_attacks(["standard"], 0.1, checks=True)
+    assert [a.name for a in with_check] == ["apgd-ce", "apgd-t", "square"]
+    paper = runner.build_attacks(["paper"], 0.1)
+    assert [(a.name, a.steps, a.restarts) for a in paper] == [
+        ("untargeted", 200, 20), ("random-targeted", 200, 20), ("multi-targeted", 200, 20)]
+    for atk in built:
+        assert attacks.from_config(atk.config()) == atk
+
+
+def test_standard_battery_matches_the_exact_optimum_of_a_multiclass_linear_model():
+    eps, bounds, d, classes = 0.08, (0.0, 1.0), 10, 5
+    model = linear_model(d, classes, seed=4)
+    x = torch.rand(64, d, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    w = model[1].weight.detach()
+    best = torch.full((64,), -float("inf"))
+    for t in range(classes):
+        with torch.no_grad():
+            best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, bounds)), y))
+    alive = torch.ones(64, dtype=torch.bool)
+    for atk in runner.build_attacks(["standard"], eps):
+        idx = alive.nonzero()[:, 0]
+        res = attacks.run(atk, model, x[idx], y[idx], ids=idx, seed=0)
+        alive[idx[res.success]] = False
+    assert torch.equal(~alive, best > 0)
+    assert alive.any() and (~alive).any()
+
+
+def test_standard_breaks_every_example_of_the_nominal_model():
+    """zoo:fmnist-nominal is not robust at ε = 0.1: the battery must break all of the first 100."""
+    model = load_model("zoo:fmnist-nominal").model.eval()
+    ds = load_dataset("fashion-mnist", n=100)
+    df = runner.evaluate([("nominal", model)], ["standard"], 0.1, ds, batch_size=100, progress=False,
+                         checks=False)
+    worst = df.groupby("example_id")["robust"].any()
+    correct = df.groupby("example_id")["clean_correct"].first()
+    assert correct.sum() > 80
+    assert not worst.any()
+
+
+def test_battery_result_does_not_depend_on_batch_size_or_order(tiny_ckpt):
+    model = load_model(tiny_ckpt).model.eval()
+    ds = load_dataset("fashion-mnist", n=60)
+
+    class RowWise(nn.Module):  # outputs that cannot depend on the batch (CPU kernels round per size)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.cat([self.inner(x[i:i + 1]) for i in range(len(x))]) if len(x) else self.inner(x)
+
+    rw = RowWise(model).eval()
+    names = [a.replace(steps=10) for a in runner.build_attacks(["standard"], 0.01)]
+
+    def robust(dataset, batch):
+        df = runner.evaluate([("m", rw)], names, 0.01, dataset, batch_size=batch, progress=False,
+                             checks=False)
+        cols = ["robust", "adv_pred", "restart", "target"]
+        return df.set_index(["attack", "example_id"])[cols].sort_index()
+
+    a = robust(ds, 60)
+    assert a["robust"].any() and (~a["robust"]).any()
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    b = robust(ds.subset(perm), 7)
+    assert a.equals(b)
+
+
+def test_cli_default_runs_standard_and_prints_one_column_per_member(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["attack", "-m", "zoo:fmnist-adv2", "--n", "50", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if "APGD-CE" in line)
+    cells = [c.strip() for c in header.replace("┃", "|").split("|")]
+    for column in ("APGD-CE", "APGD-T", "Square", "Worst case"):
+        assert column in cells, header
+    assert "Untargeted" not in res.output
