@@ -27,6 +27,7 @@ each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, fields, replace
 
@@ -395,6 +396,17 @@ class _Rows:
                      self.best.select(keep))
 
 
+#: Compaction cadence on a GPU: deciding whether any row was solved is a host synchronisation.
+COMPACT_EVERY_GPU = 8
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _low_precision(precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
 def run(
     attack: Attack,
     model,
@@ -404,21 +416,33 @@ def run(
     ids: torch.Tensor | None = None,
     seed: int = 0,
     aux: dict | None = None,
-    compact: bool = True,
+    compact: bool | int = True,
     allow_train_mode: bool = False,
     on_run=None,
+    precision: str = "fp32",
 ) -> Result:
     """Run ``attack`` on the batch ``(x, y)`` and return the per-example :class:`Result`.
 
     ``ids`` are stable example ids (default ``0..B-1``) that, with ``seed``, fix every random choice.
     ``aux`` supplies per-example tensors to the objective (e.g. ``loss0``/``grad0`` for the linearity gap).
-    ``compact=False`` keeps solved examples in the active batch (for overhead benchmarks; same result).
+    ``compact``: solved examples leave the active batch — every step on the CPU, every
+    :data:`COMPACT_EVERY_GPU` steps on a GPU (where deciding it costs a host synchronisation), every
+    ``k`` steps with ``compact=k``, never with ``False`` (for overhead benchmarks). The result is the
+    same whatever the cadence (a solved example's point and step count are locked when it is solved).
+    ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run the attack's forward and backward passes
+    under autocast; the clean pass and every success decision stay fp32 (an iterate is adversarial only
+    if the fp32 model misclassifies it).
     ``on_run(run_index, num_runs, num_unbroken)`` is called after each run (progress reporting).
 
     Algorithm: ALGORITHMS.md §3 (shared PGD engine) with the project decisions 3-7 and §4 for targets.
     """
     _check_mode(model, allow_train_mode)
     x, y, ids = _check_inputs(attack, x, y, ids)
+    low = _low_precision(precision)
+    if isinstance(compact, bool):
+        every = (1 if x.device.type == "cpu" else COMPACT_EVERY_GPU) if compact else 0
+    else:
+        every = int(compact)
     n, track = x.shape[0], attack.tracking
     z0 = _clean_logits(model, x, ids)
     counter = {"rows": n, "nonfinite": torch.zeros(n, dtype=torch.bool, device=x.device)}
@@ -441,7 +465,7 @@ def run(
         state = _init_state(attack.optimizer, start, gens, attack.steps, box)
         rows = _Rows(act, xs, y[act], start, box, {k: v[act] for k, v in prepared.items()},
                      None if slot is None else targets[act, slot], state, best.gather(act))
-        rows = _ascend(attack, model, rows, j, compact, best, counter)
+        rows = _ascend(attack, model, rows, j, every, best, counter, low)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
             on_run(j, len(trials), int((~best.success).sum()))
@@ -458,35 +482,64 @@ def _init_state(opt, x, gens, steps: int, box):
     return opt.init(x, gens, **{k: v for k, v in (("steps", steps), ("box", box)) if k in params})
 
 
-def _ascend(attack: Attack, model, rows: _Rows, j: int, compact: bool, best: _Best, counter: dict) -> _Rows:
-    """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked."""
+def _ascend(attack: Attack, model, rows: _Rows, j: int, every: int, best: _Best, counter: dict,
+            low: torch.dtype | None = None) -> _Rows:
+    """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked.
+
+    Solved rows leave the batch every ``every`` steps (0: never); until then they keep stepping, but
+    nothing of theirs is recorded (their best point is locked, their step count stops). ``low``: the
+    dtype the model runs in under autocast; an iterate that looks adversarial there is re-evaluated in
+    fp32, and only the fp32 logits decide success.
+    """
     obj, opt, threat = attack.objective, attack.optimizer, attack.threat
+    precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
     for step in range(attack.steps + 1):
         last = step == attack.steps
         grad_on = opt.uses_gradient and not last
-        with torch.enable_grad() if grad_on else torch.no_grad():
+        live = ~rows.best.success  # rows whose result can still change
+        with torch.enable_grad() if grad_on else torch.no_grad(), precision:
             leaf = rows.x.detach().requires_grad_(grad_on)
-            z = model(leaf)
+            z = model(leaf).float()
             data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
             val = obj(z, rows.ys, leaf - rows.xs if obj.needs_delta else None, data)
             grad = _input_gradient(val, leaf) if grad_on else None
         counter["rows"] += rows.act.numel()
         z, val = z.detach(), val.detach()
-        counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1)
-        it = _Iterate(leaf.detach(), z, val, obj.untargeted_margin(z, rows.ys, val), j, rows.target)
-        solved = attack.tracking.observe(rows.best, it, last)
+        margin = obj.untargeted_margin(z, rows.ys, val)
+        if low is not None:
+            z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter)
+        counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
+        it = _Iterate(leaf.detach(), z, val, margin, j, rows.target)
+        attack.tracking.observe(rows.best, it, last)
         if last:
             break
-        rows.best.steps += 1
+        rows.best.steps += live.long()
         lr = attack.schedule(step, attack.steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
         rows.x = threat.project(proposal, rows.xs, rows.box)
-        if compact and solved is not None and bool(solved.any()):
-            best.scatter(rows.act, rows.best, solved)
-            rows = rows.keep((~solved).nonzero()[:, 0])
-            if rows.act.numel() == 0:
-                break
+        if every and attack.tracking.evades and (step + 1) % every == 0:
+            done = rows.best.success
+            if bool(done.any()):  # the only host synchronisation of the loop, once per ``every`` steps
+                best.scatter(rows.act, rows.best, done)
+                rows = rows.keep((~done).nonzero()[:, 0])
+                if rows.act.numel() == 0:
+                    break
     return rows
+
+
+def _confirm_in_fp32(obj, model, rows: _Rows, x, z, val, margin, data, counter):
+    """Re-evaluate in fp32 the rows whose low-precision margin says "adversarial"; their fp32 logits,
+    objective and margin replace the low-precision ones, so success is always an fp32 verdict."""
+    cand = ((margin > 0) & ~rows.best.success).nonzero()[:, 0]
+    if cand.numel() == 0:
+        return z, val, margin
+    with torch.no_grad():
+        z32 = model(x[cand]).float()
+        sub = {k: v[cand] for k, v in data.items()}
+        v32 = obj(z32, rows.ys[cand], (x - rows.xs)[cand] if obj.needs_delta else None, sub)
+        m32 = obj.untargeted_margin(z32, rows.ys[cand], v32)
+    counter["rows"] += cand.numel()
+    return z.index_copy(0, cand, z32), val.index_copy(0, cand, v32), margin.index_copy(0, cand, m32)
 
 
 def _input_gradient(value: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:

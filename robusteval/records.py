@@ -65,7 +65,8 @@ FLOATS = ("eps", "margin", "objective", "linf", "seconds")
 NULLABLE_INTS = ("train_steps",)
 NULLABLE_FLOATS = ("margin", "objective", "linf")  # NaN for rows that were not attacked
 STATUSES = ("attacked", "clean-wrong", "skipped")
-MODES = ("skip", "no-skip")
+#: ``+bf16``/``+fp16``: the attack's passes ran under autocast (points still verified in fp32).
+MODES = ("skip", "no-skip", "skip+bf16", "no-skip+bf16", "skip+fp16", "no-skip+fp16")
 #: Columns added after the first release: a file without them still reads (they are left empty).
 ADDED_COLUMNS = ("example_sha",)
 FILENAME = "records.csv"

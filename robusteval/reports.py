@@ -131,9 +131,13 @@ def alarm_note(alarms) -> str | None:
 def mode_note(df: pd.DataFrame) -> str:
     """One line saying how per-attack columns were computed (see the module docstring)."""
     black_box = df["attack_config"].str.contains("RandomSquares", regex=False)
+    base = df["mode"].str.split("+").str[0]
     check = ("; Square (the black-box check) ran on the survivors of the gradient attacks"
-             if bool((black_box & (df["mode"] == "skip")).any()) else "")
-    modes = set(df.loc[~black_box, "mode"].unique()) or set(df["mode"].unique())
+             if bool((black_box & (base == "skip")).any()) else "")
+    low = sorted({m.split("+")[1] for m in df["mode"].unique() if "+" in m})
+    if low:
+        check += (f"; attack passes ran in {'/'.join(low)} (autocast), every point was verified in fp32")
+    modes = set(base[~black_box].unique()) or set(base.unique())
     if modes == {"no-skip"}:
         return ("Each gradient attack ran on every clean-correct example (--no-skip)" + check +
                 "; Worst case = robust to all attacks.")

@@ -324,6 +324,8 @@ def evaluate(
     checks: bool = True,
     queries: int | None = None,
     bpda: bool = False,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> pd.DataFrame:
     """Evaluate ``models`` under the attack battery ``attack_names`` at each ``eps``; return the records.
 
@@ -338,7 +340,10 @@ def evaluate(
     the battery as the black-box check; ``queries`` sets Square's budget); the alarms are written to
     ``out/alarms.csv`` and returned in ``records.attrs["alarms"]``. ``bpda`` attacks each model through
     :func:`robusteval.bpda.straight_through` (its name gets ``+bpda``; points are verified on the
-    original model). Returns the records of this
+    original model). ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the attacks' passes under autocast;
+    the clean pass, every success decision and the verification stay fp32 on the original model.
+    ``compile`` attacks through ``torch.compile`` of the model (points are verified on the model itself).
+    Returns the records of this
     evaluation (resumed rows included), in the schema of :mod:`robusteval.records`. Protocol: see the
     module docstring.
     """
@@ -369,7 +374,10 @@ def evaluate(
     if len(dataset) == 0:
         raise UserError("the dataset is empty")
     entries = load_entries(models, arch, device)
-    mode = "no-skip" if no_skip else "skip"
+    if precision not in attacks.engine.PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(attacks.engine.PRECISIONS)}, got {precision!r}")
+    suffix = "" if precision == "fp32" else f"+{precision}"
+    mode = ("no-skip" if no_skip else "skip") + suffix
     existing = records.read_if_exists(path) if path is not None else records.empty()
     existing["_key"] = list(zip(existing["model"], existing["attack"], existing["eps"].map(records.eps_key),
                                 existing["example_id"], strict=True))
@@ -381,6 +389,8 @@ def evaluate(
             pred = check_model(entry, dataset, eps_list, batch_size, dev, seed)
             if bpda:
                 _use_bpda(entry, dataset, batch_size, dev)  # renames the entry
+            if compile:
+                entry.attack_model = torch.compile(entry.attacked)
             clean[entry.name] = pred
             if checks:
                 found += _pre_checks(entry, dataset, clean[entry.name], max(eps_list), seed, dev)
@@ -399,8 +409,8 @@ def evaluate(
                     for atk in battery:
                         # the check (Square added to the battery) always runs on the survivors only
                         check = auto_check and atk is battery[-1]
-                        job = _Job(entry, atk, dataset, clean_pred, digests, seed, "skip" if check else mode,
-                                   path, bar)
+                        job = _Job(entry, atk, dataset, clean_pred, digests, seed,
+                                   "skip" + suffix if check else mode, path, bar, precision)
                         robust = job.run(existing, alive if not no_skip or check else None, batch_size, dev)
                         collected.extend(job.rows)
                         alive &= robust
@@ -485,9 +495,11 @@ class _Job:
     """One (model, attack, ε) over the dataset: resume, passive records, attacked batches, progress."""
 
     def __init__(self, entry: ModelEntry, atk: attacks.Attack, ds: Dataset, clean_pred: torch.Tensor,
-                 digests: list[str], seed: int, mode: str, path: Path | None, bar: _Progress):
+                 digests: list[str], seed: int, mode: str, path: Path | None, bar: _Progress,
+                 precision: str = "fp32"):
         self.entry, self.atk, self.ds, self.seed, self.mode, self.path, self.bar = \
             entry, atk, ds, seed, mode, path, bar
+        self.precision = precision
         self.digests = digests
         self.clean_pred, self.labels, self.ids = clean_pred, ds.labels.long(), ds.ids.long()
         self.rows: list[dict] = []  # resumed and new records of this job
@@ -546,7 +558,8 @@ class _Job:
         on_run = lambda j, total, left: self.progress(f"{self.desc} · run {j + 1}/{total}")
         for start in range(0, len(active), batch_size):
             chunk = active[start : start + batch_size]
-            rows = _attack_chunk(self.entry, self.atk, self.ds, chunk, self.base, self.seed, device, on_run)
+            rows = _attack_chunk(self.entry, self.atk, self.ds, chunk, self.base, self.seed, device, on_run,
+                                 self.precision)
             self.emit(rows)
         self.progress(self.desc)
         return torch.tensor([self.robust.get(int(i), False) for i in self.ids.tolist()], dtype=torch.bool)
@@ -560,7 +573,7 @@ def _not_attacked(status: str, adv_pred: int) -> dict:
 
 
 def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: list[int], base, seed: int,
-                  device, on_run) -> list[dict]:
+                  device, on_run, precision: str = "fp32") -> list[dict]:
     """Attack one batch of clean-correct examples, verify every point, and build its records."""
     index = torch.tensor(chunk, dtype=torch.long)
     x = ds.images[index].to(device)
@@ -568,7 +581,7 @@ def _attack_chunk(entry: ModelEntry, atk: attacks.Attack, ds: Dataset, chunk: li
     ids = ds.ids[index].long()
     t0 = time.perf_counter()
     try:
-        res = attacks.run(atk, entry.attacked, x, y, ids=ids, seed=seed, on_run=on_run)
+        res = attacks.run(atk, entry.attacked, x, y, ids=ids, seed=seed, on_run=on_run, precision=precision)
     except attacks.NonFiniteLogits as exc:
         raise UserError(f"model {entry.name!r} returns non-finite logits (NaN or inf) inside the "
                         f"ε = {atk.eps:.6g} ball of example {int(exc.example_ids[0])} (found by {atk.name}); "

@@ -214,3 +214,66 @@ def test_cli_default_runs_standard_and_prints_one_column_per_member(tmp_path):
     for column in ("APGD-CE", "APGD-T", "Square", "Worst case"):
         assert column in cells, header
     assert "Untargeted" not in res.output
+
+
+# ------------------------------------------------------------------ cadence and precision (issue 12)
+
+
+@pytest.mark.parametrize("preset", ["untargeted", "apgd-t", "multi-targeted"])
+def test_compaction_cadence_does_not_change_results(preset):
+    model = load_model("zoo:fmnist-adv2").model.eval()
+    ds = load_dataset("fashion-mnist", n=40)
+    atk = attacks.get(preset, 0.1, steps=12, restarts=2)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
+    every = attacks.run(atk, model, x, y, ids=ids, seed=1)
+    assert every.success.any() and not every.success.all()
+    for compact in (5, False):
+        other = attacks.run(atk, model, x, y, ids=ids, seed=1, compact=compact)
+        for field in ("x_adv", "success", "steps", "run", "target", "margin"):
+            assert torch.equal(getattr(other, field), getattr(every, field)), (compact, field)
+        assert other.forward_rows > every.forward_rows  # solved rows kept stepping until compaction
+
+
+class RoundsUnderAutocast(nn.Module):
+    """Its class-1 logit crosses class 0's only when the input is rounded to bf16, as autocast would:
+    x₀ ≤ 0.6 inside the ball, and bf16(0.6) = 0.6016 > 0.601."""
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :1]
+        if torch.is_autocast_enabled(x.device.type):
+            v = v.to(torch.bfloat16).float()
+        return torch.cat([torch.zeros_like(v), 1000 * (v - 0.601)], 1)
+
+
+def test_a_point_that_fools_only_the_bf16_model_is_not_counted():
+    x = torch.full((6, 1, 2, 2), 0.5)
+    y = torch.zeros(6, dtype=torch.long)
+    model = RoundsUnderAutocast().eval()
+    atk = attacks.get("pgd-20", 0.1)
+    res = attacks.run(atk, model, x, y, precision="bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fooled_low = model(res.x_adv).argmax(1) != y
+    assert fooled_low.all()  # the attack found the bf16-only points...
+    assert not res.success.any()  # ...and the fp32 decision refused every one of them
+    assert (res.margin < 0).all()
+    ds = load_dataset("fashion-mnist", n=6)
+    ds.images[:] = 0.5
+    ds.labels[:] = 0
+    df = runner.evaluate([("r", model)], ["pgd-20"], 0.1, ds, progress=False, checks=False, precision="bf16")
+    assert df["robust"].all() and set(df["mode"]) == {"skip+bf16"}
+
+
+def test_bf16_attack_on_a_real_model_counts_only_fp32_verified_points():
+    model = load_model("zoo:fmnist-adv2").model.eval()
+    ds = load_dataset("fashion-mnist", n=60)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
+    atk = attacks.get("apgd-ce", 0.1, steps=20)
+    low = attacks.run(atk, model, x, y, ids=ids, precision="bf16")
+    with torch.no_grad():
+        pred = model(low.x_adv).argmax(1)
+    assert low.success.any()
+    assert torch.equal(low.success, pred != y)  # success is exactly the fp32 re-classification
+    full = attacks.run(atk, model, x, y, ids=ids)
+    assert abs(int(low.success.sum()) - int(full.success.sum())) <= 3  # bf16 gradients: same strength ±
+    with pytest.raises(ValueError, match="precision"):
+        attacks.run(atk, model, x, y, precision="int8")

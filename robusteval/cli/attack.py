@@ -99,6 +99,11 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
               help="Attack through a copy whose zero-gradient ops (round, floor, ceil, trunc, sign, step "
                    "functions made of a comparison, argmax quantisation) pass gradients straight through "
                    "(BPDA); points are verified on the original model.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Run the attacks' forward/backward passes under autocast in this precision (faster on "
+                   "GPUs); the clean pass, every success decision and the verification stay fp32.")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="Attack through torch.compile of the model (off by default; helps on some GPUs).")
 @click.option("--no-checks", is_flag=True,
               help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
                    "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
@@ -107,7 +112,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
-                   bpda, no_checks, allow_unreliable, quiet):
+                   bpda, precision, compile_model, no_checks, allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
@@ -159,6 +164,6 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
     click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
     runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
                     seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
-                    queries=queries, bpda=bpda, **overrides)
+                    queries=queries, bpda=bpda, precision=precision, compile=compile_model, **overrides)
     title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
     fail_if_unreliable(show_results(out, title=title), allow_unreliable)
