@@ -164,7 +164,7 @@ class _Iterate:
     z: torch.Tensor
     value: torch.Tensor
     margin: torch.Tensor
-    run: int
+    run: int | torch.Tensor  # the run index, per row when runs are tiled
     target: torch.Tensor | None
 
 
@@ -388,12 +388,14 @@ class _Rows:
     target: torch.Tensor | None
     state: object
     best: _Best
+    run: int | torch.Tensor = 0  # the run index (per row when runs are tiled)
 
     def keep(self, keep: torch.Tensor) -> _Rows:
         return _Rows(self.act[keep], self.xs[keep], self.ys[keep], self.x[keep],
                      (self.box[0][keep], self.box[1][keep]), {k: v[keep] for k, v in self.aux.items()},
                      None if self.target is None else self.target[keep], select(self.state, keep),
-                     self.best.select(keep))
+                     self.best.select(keep),
+                     self.run[keep] if isinstance(self.run, torch.Tensor) else self.run)
 
 
 #: Compaction cadence on a GPU: deciding whether any row was solved is a host synchronisation.
@@ -420,6 +422,7 @@ def run(
     allow_train_mode: bool = False,
     on_run=None,
     precision: str = "fp32",
+    tile: bool | int | None = None,
 ) -> Result:
     """Run ``attack`` on the batch ``(x, y)`` and return the per-example :class:`Result`.
 
@@ -431,7 +434,10 @@ def run(
     same whatever the cadence (a solved example's point and step count are locked when it is solved).
     ``precision``: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run the attack's forward and backward passes
     under autocast; the clean pass and every success decision stay fp32 (an iterate is adversarial only
-    if the fp32 model misclassifies it).
+    if the fp32 model misclassifies it). ``tile``: when survivors fill less than the batch, run
+    several restarts (or targets) side by side in one batch; each keeps its own generator stream and the
+    result is exactly the sequential one (see :func:`_tiled`). Default: on a GPU only; ``tile=k``
+    tiles ``k`` runs at a time.
     ``on_run(run_index, num_runs, num_unbroken)`` is called after each run (progress reporting).
 
     Algorithm: ALGORITHMS.md §3 (shared PGD engine) with the project decisions 3-7 and §4 for targets.
@@ -454,10 +460,21 @@ def run(
     targets = attack.targets.assign(z0, y, ids, seed, num_classes, model=model, x=x)
     counter["rows"] += n if getattr(attack.targets, "needs_model", False) else 0
     best = _Best.initial(x, z0, margin_of(z0, y), track.evades)
-    for j, (_, slot) in enumerate(trials):
+    j = 0
+    while j < len(trials):
         act = (~best.success).nonzero()[:, 0] if track.evades else torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
+        m = _tile_count(tile, x.device, n, act.numel(), len(trials) - j) if isinstance(track, Evasion) else 1
+        if m > 1:
+            _tiled(attack, model, x, y, ids, seed, prepared, targets, trials, range(j, j + m), act, best,
+                   counter, every, low)
+            for k in range(j, j + m):
+                if on_run is not None:
+                    on_run(k, len(trials), int((~best.success).sum()))
+            j += m
+            continue
+        slot = trials[j][1]
         xs, gens = x[act], generators(seed, ids[act.cpu()].tolist(), j)
         start = attack.start(xs, attack.threat, gens, model=model)  # the optimizer may keep drawing from gens
         counter["rows"] += act.numel() * getattr(attack.start, "steps", 0)
@@ -465,11 +482,65 @@ def run(
         state = _init_state(attack.optimizer, start, gens, attack.steps, box)
         rows = _Rows(act, xs, y[act], start, box, {k: v[act] for k, v in prepared.items()},
                      None if slot is None else targets[act, slot], state, best.gather(act))
+        rows.run = j
         rows = _ascend(attack, model, rows, j, every, best, counter, low)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
             on_run(j, len(trials), int((~best.success).sum()))
+        j += 1
     return _result(attack, x, ids, z0, best, counter)
+
+
+def _tile_count(tile, device, n: int, active: int, left: int) -> int:
+    """How many runs to tile side by side: enough to refill the batch of ``n`` rows when ``tile`` is on
+    (auto: on a GPU only — on a CPU a larger batch buys nothing, and the tiled runs of examples that an
+    earlier run would have broken are wasted work); ``tile=k`` (an int): ``k`` runs at a time."""
+    if not isinstance(tile, bool) and isinstance(tile, int):
+        return max(1, min(left, tile))
+    on = (device.type != "cpu") if tile is None else tile
+    return max(1, min(left, n // max(active, 1))) if on else 1
+
+
+def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, best: _Best,
+           counter: dict, every: int, low) -> None:
+    """Runs ``js`` side by side on the survivors ``act``, one block of rows per run, each with the
+    generator stream of its run; then folded into ``best`` in run order exactly as if they had run one
+    after another: a run counts for an example only if no earlier run broke it (its steps too), a broken
+    example keeps the first run's point, an unbroken one the strictly best score in run order."""
+    a, threat = act.numel(), attack.threat
+    starts, gens, tgts = [], [], []
+    for j in js:
+        g = generators(seed, ids[act.cpu()].tolist(), j)
+        starts.append(attack.start(x[act], threat, g, model=model))
+        gens += g
+        slot = trials[j][1]
+        tgts.append(None if slot is None else targets[act, slot])
+    m = len(js)
+    rep = act.repeat(m)
+    xs, start = x[rep], torch.cat(starts)
+    box = threat.box(xs)
+    state = _init_state(attack.optimizer, start, gens, attack.steps, box)
+    tile = best.gather(rep)  # the tile's own copy: one row per (run, example)
+    local = {"rows": 0, "nonfinite": torch.zeros(a * m, dtype=torch.bool, device=x.device)}
+    runs = torch.tensor(list(js), device=x.device).repeat_interleave(a)
+    rows = _Rows(torch.arange(a * m, device=x.device), xs, y[rep], start, box,
+                 {k: v[rep] for k, v in prepared.items()}, None if tgts[0] is None else torch.cat(tgts),
+                 state, tile.gather(torch.arange(a * m, device=x.device)), runs)
+    rows = _ascend(attack, model, rows, runs, every, tile, local, low)
+    tile.scatter(rows.act, rows.best)
+    counter["rows"] += local["rows"] + a * m * getattr(attack.start, "steps", 0)
+    for k in range(m):
+        part = tile.select(torch.arange(k * a, (k + 1) * a, device=x.device))
+        open_ = ~best.success[act]  # run js[k] would have run on these, one after another
+        counter["nonfinite"][act] |= local["nonfinite"][k * a:(k + 1) * a] & open_
+        take = open_ & (part.success | (part.score > best.score[act]))
+        best.steps[act] += part.steps * open_.long()
+        for f in fields(best):
+            if f.name != "steps":
+                cur = getattr(best, f.name)[act]
+                new = getattr(part, f.name)
+                col = take.view(-1, *([1] * (new.ndim - 1)))
+                getattr(best, f.name)[act] = torch.where(col, new, cur)
 
 
 def _init_state(opt, x, gens, steps: int, box):
@@ -509,7 +580,7 @@ def _ascend(attack: Attack, model, rows: _Rows, j: int, every: int, best: _Best,
         if low is not None:
             z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter)
         counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
-        it = _Iterate(leaf.detach(), z, val, margin, j, rows.target)
+        it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target)
         attack.tracking.observe(rows.best, it, last)
         if last:
             break

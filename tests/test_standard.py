@@ -277,3 +277,33 @@ def test_bf16_attack_on_a_real_model_counts_only_fp32_verified_points():
     assert abs(int(low.success.sum()) - int(full.success.sum())) <= 3  # bf16 gradients: same strength ±
     with pytest.raises(ValueError, match="precision"):
         attacks.run(atk, model, x, y, precision="int8")
+
+
+class RowWise(nn.Module):
+    """Evaluates its inner model one example at a time: outputs cannot depend on the batch (CPU kernels
+    round differently for some batch sizes, which no attack code can change)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.cat([self.inner(x[i:i + 1]) for i in range(len(x))]) if len(x) else self.inner(x)
+
+
+@pytest.mark.parametrize("preset", ["untargeted", "multi-targeted", "apgd-t", "square"])
+def test_tiled_restarts_give_the_sequential_result(preset):
+    model = RowWise(load_model("zoo:fmnist-adv2").model.eval()).eval()
+    ds = load_dataset("fashion-mnist", n=30)
+    steps = 40 if preset == "square" else 8
+    atk = attacks.get(preset, 0.1, steps=steps, restarts=4)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
+    seq = attacks.run(atk, model, x, y, ids=ids, seed=2, tile=False)
+    assert seq.success.any() and not seq.success.all() and (seq.run > 0).any()
+    for tile, compact in ((4, True), (3, 3), (True, True)):
+        tiled = attacks.run(atk, model, x, y, ids=ids, seed=2, tile=tile, compact=compact)
+        for field in ("x_adv", "success", "steps", "run", "target", "margin", "value"):  # NaN: clean-wrong
+            torch.testing.assert_close(getattr(tiled, field), getattr(seq, field), rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{field}, tile={tile}, compact={compact}")
+        if tile == 4:
+            assert tiled.forward_rows > seq.forward_rows  # all four runs did go side by side
