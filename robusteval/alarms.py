@@ -211,11 +211,26 @@ def write(path: str | os.PathLike, alarms: list[Alarm]) -> Path:
     return path
 
 
+def shard_filename(index: int, count: int) -> str:
+    """The alarms file of shard ``index`` of ``count``: each shard judges its own examples."""
+    return f"alarms.shard-{index}-of-{count}.csv"
+
+
+def exists(directory: str | os.PathLike) -> bool:
+    """Whether the masking checks ran for this run directory (an alarms file, of the run or a shard)."""
+    d = Path(directory)
+    return (d / FILENAME).is_file() or any(d.glob("alarms.shard-*-of-*.csv"))
+
+
 def read(path: str | os.PathLike) -> list[Alarm]:
-    """Alarms of a run (``path``: the alarms file or its directory); none when the file does not exist."""
+    """Alarms of a run (``path``: the alarms file, or its directory: the run's file and every shard's,
+    without repeats); none when no file exists."""
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        found: list[Alarm] = []
+        for p in [path / FILENAME, *sorted(path.glob("alarms.shard-*-of-*.csv"))]:
+            found += [a for a in read(p) if a not in found]
+        return found
     if not path.is_file():
         return []
     try:

@@ -40,6 +40,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -385,8 +386,39 @@ def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+SHARD_PATTERN = re.compile(r"records\.shard-(\d+)-of-(\d+)\.csv")
+
+
+def shard_filename(index: int, count: int) -> str:
+    """The records file of shard ``index`` of ``count`` (0-based): ``records.shard-I-of-N.csv``."""
+    return f"records.shard-{index}-of-{count}.csv"
+
+
+def files_in(directory: Path) -> list[Path]:
+    """The records files of a run directory: ``records.csv`` and every shard file. A shard set must be
+    complete (shards 0..N−1 of one N): a missing shard is named, never silently absent."""
+    shards = {}
+    for p in sorted(directory.glob("records.shard-*-of-*.csv")):
+        m = SHARD_PATTERN.fullmatch(p.name)
+        if m:
+            shards.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if len(shards) > 1:
+        splits = ", ".join(f"of {n}" for n in sorted(shards))
+        raise UserError(f"{directory} holds shards of different splits ({splits}); use one output directory "
+                        "per split")
+    files = [directory / FILENAME] if (directory / FILENAME).is_file() else []
+    for count, have in shards.items():
+        missing = sorted(set(range(count)) - have)
+        if missing:
+            names = ", ".join(f"{i}/{count} ({shard_filename(i, count)})" for i in missing)
+            raise UserError(f"{directory}: shard(s) {names} missing; run them (--shard I/N) before reporting")
+        files += [directory / shard_filename(i, count) for i in range(count)]
+    return files or [directory / FILENAME]
+
+
 def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge_runs: bool = False) -> pd.DataFrame:
-    """Read one or more record files (a directory means its ``records.csv``) into one frame.
+    """Read one or more record files (a directory means its ``records.csv`` and its shard files,
+    :func:`files_in`) into one frame.
 
     Never writes. Every file is validated (header, field types; the first problem names the file and
     line); rows repeated exactly (the same file given twice) are kept once; different checkpoints with
@@ -396,14 +428,13 @@ def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge_runs: boo
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     frames, seen = [], set()
-    for p in paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            p = p / FILENAME
-        if p.resolve() in seen:
-            continue
-        seen.add(p.resolve())
-        frames.append(_read_one(p))
+    for given in paths:
+        given = Path(given).expanduser()
+        for p in files_in(given) if given.is_dir() else [given]:
+            if p.resolve() in seen:
+                continue
+            seen.add(p.resolve())
+            frames.append(_read_one(p))
     if not frames:
         return empty()
     df = pd.concat(frames, ignore_index=True)

@@ -326,6 +326,7 @@ def evaluate(
     bpda: bool = False,
     precision: str = "fp32",
     compile: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``models`` under the attack battery ``attack_names`` at each ``eps``; return the records.
 
@@ -343,7 +344,10 @@ def evaluate(
     original model). ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the attacks' passes under autocast;
     the clean pass, every success decision and the verification stay fp32 on the original model.
     ``compile`` attacks through ``torch.compile`` of the model (points are verified on the model itself).
-    Returns the records of this
+    ``shard=(i, n)`` evaluates only shard ``i`` of ``n`` (0-based): the examples at positions ``i, i + n,
+    i + 2n, ...`` of the (first ``n``) examples — interleaved, so every shard gets a like share of
+    robust and easy examples — into ``out/records.shard-i-of-n.csv`` (and its own alarms file); the
+    union of all shards' records is what one process would have written. Returns the records of this
     evaluation (resumed rows included), in the schema of :mod:`robusteval.records`. Protocol: see the
     module docstring.
     """
@@ -361,7 +365,10 @@ def evaluate(
                      checks=checks, queries=queries)
     build_attacks(attack_names, eps_list[0], **overrides)  # fail fast on a bad name before loading
     auto_check = _adds_check(attack_names, checks)
-    path = Path(out) / records.FILENAME if out is not None else None
+    if shard is not None and not (0 <= shard[0] < shard[1]):
+        raise UserError(f"shard {shard[0]}/{shard[1]}: the index must be in 0..{shard[1] - 1}")
+    name = records.shard_filename(*shard) if shard else records.FILENAME
+    path = Path(out) / name if out is not None else None
     if path is not None:
         records.check_appendable(path)  # an unwritable output fails before any work
     device = resolve_device(device)
@@ -373,6 +380,11 @@ def evaluate(
         dataset = dataset.subset(slice(0, n))
     if len(dataset) == 0:
         raise UserError("the dataset is empty")
+    if shard is not None:
+        if shard[1] > len(dataset):
+            raise UserError(f"{shard[1]} shards (or processes) but only {len(dataset)} examples: use at most "
+                            f"{len(dataset)}")
+        dataset = dataset.subset(torch.arange(shard[0], len(dataset), shard[1]))
     entries = load_entries(models, arch, device)
     if precision not in attacks.engine.PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(attacks.engine.PRECISIONS)}, got {precision!r}")
@@ -427,8 +439,9 @@ def evaluate(
                 if checks:
                     found += _post_checks(entry, dataset, clean_pred, worst, seed, dev)
     if path is not None and checks:
-        keep = [a for a in alarms.read(path.parent) if a.model not in {e.name for e in entries}]
-        alarms.write(path.parent / alarms.FILENAME, keep + found)
+        alarm_path = path.parent / (alarms.shard_filename(*shard) if shard else alarms.FILENAME)
+        keep = [a for a in alarms.read(alarm_path) if a.model not in {e.name for e in entries}]
+        alarms.write(alarm_path, keep + found)
 
     if not collected:
         return records.empty()

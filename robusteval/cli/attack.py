@@ -56,11 +56,11 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
     """
     from robusteval import alarms, records
 
-    df = records.read(out / records.FILENAME)
-    has_checks = (out / alarms.FILENAME).is_file()
+    df = records.read(out)  # the directory: records.csv and every shard's file, merged
+    has_checks = alarms.exists(out)
     alarm_list = alarms.read(out) if has_checks else None
     paths = show_table(df, alarm_list, rows, title, out)
-    click.echo(f"records: {out / 'records.csv'}")
+    click.echo(f"records: {', '.join(str(p) for p in records.files_in(out))}")
     click.echo(f"summary: {', '.join(map(str, paths))}")
     return alarm_list or []
 
@@ -79,8 +79,9 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's, else fashion-mnist).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives.")
 @click.option("--download", is_flag=True, help="Download the dataset through torchvision if missing.")
-@click.option("--n", "n", type=int, default=None,
-              help=f"Evaluate the first N test examples (default {DEFAULT_N}, or all if fewer).")
+@click.option("--n", "-n", "--num-examples", "n", type=int, default=None,
+              help=f"Evaluate the first N test examples (default {DEFAULT_N}, or all if fewer). Under "
+                   "torchrun write -n or --num-examples (torchrun mistakes --n for one of its own options).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -104,6 +105,10 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
                    "GPUs); the clean pass, every success decision and the verification stay fp32.")
 @click.option("--compile", "compile_model", is_flag=True,
               help="Attack through torch.compile of the model (off by default; helps on some GPUs).")
+@click.option("--shard", "shard_text", default=None, metavar="I/N",
+              help="Evaluate only shard I of N (0-based; examples I, I+N, I+2N, ...) into "
+                   "OUT/records.shard-I-of-N.csv, for array jobs; `robusteval report OUT` merges the shards. "
+                   "Under torchrun the rank and world size set it.")
 @click.option("--no-checks", is_flag=True,
               help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
                    "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
@@ -112,7 +117,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
-                   bpda, precision, compile_model, no_checks, allow_unreliable, quiet):
+                   bpda, precision, compile_model, shard_text, no_checks, allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
@@ -134,36 +139,77 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
       robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
     """
-    from robusteval import records, runner
+    from robusteval import distributed, records, runner
 
-    if steps is not None and steps < 1 or restarts is not None and restarts < 1:
-        raise UserError("--steps and --restarts must be ≥ 1 (0 steps would not attack at all)")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    eps_values = [parse_eps(t, eps_scale) for t in eps_texts]
-    size = parse_step_size(step_size)
-    overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
-                     relative_step=size[1] if size else None)
-    runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, queries=queries,
-                         **overrides)  # names, early
-    out = Path(out) if out else default_out("attack")
-    records.check_appendable(out / records.FILENAME)  # an unwritable --out fails before any work
-    device = resolve_device(device)
-    entries = runner.load_entries(models, arch=arch, device=device)
-    if dataset is None:
-        found = {e.meta.get("dataset") for e in entries if e.meta.get("dataset")}
-        if len(found) > 1:
-            raise UserError(f"the models were trained on different datasets ({', '.join(sorted(found))}); "
-                            "pass --dataset")
-        dataset = found.pop() if found else "fashion-mnist"
-    ds = load_data(dataset, data_dir, n, download)
-    if not eps_values:
-        text = DEFAULT_EPS.get(ds.name, "8/255")
-        click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)
-        eps_values = [parse_eps(text)]
-    click.echo(f"writing {out / 'records.csv'} (rerun with --out {out} to resume)", err=True)
-    runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
-                    seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
-                    queries=queries, bpda=bpda, precision=precision, compile=compile_model, **overrides)
-    title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
-    fail_if_unreliable(show_results(out, title=title), allow_unreliable)
+    shard = distributed.parse_shard(shard_text)
+    ctx = distributed.from_env()
+    if ctx is not None and shard is not None:
+        raise UserError("--shard and torchrun both split the work; use one of them")
+    if ctx is not None and not out:
+        raise UserError("under torchrun every rank must write to the same --out: pass --out")
+    try:
+        if ctx is not None:
+            device, shard, quiet = distributed.start(ctx, device), ctx.shard, quiet or ctx.rank != 0
+        if steps is not None and steps < 1 or restarts is not None and restarts < 1:
+            raise UserError("--steps and --restarts must be ≥ 1 (0 steps would not attack at all)")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {batch_size}")
+        eps_values = [parse_eps(t, eps_scale) for t in eps_texts]
+        size = parse_step_size(step_size)
+        overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
+                         relative_step=size[1] if size else None)
+        runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, queries=queries,
+                             **overrides)  # names, early
+        out = Path(out) if out else default_out("attack")
+        if ctx is not None:
+            distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": eps_values,
+                                    "n": n, "dataset": dataset, "seed": seed, "out": str(out.resolve()),
+                                    "overrides": overrides, "no_skip": no_skip, "checks": not no_checks,
+                                    "precision": precision, "queries": queries, "bpda": bpda})
+        mine = out / (records.shard_filename(*shard) if shard else records.FILENAME)
+        records.check_appendable(mine)  # an unwritable --out fails before any work
+        device = resolve_device(device)
+        entries = runner.load_entries(models, arch=arch, device=device)
+        if dataset is None:
+            found = {e.meta.get("dataset") for e in entries if e.meta.get("dataset")}
+            if len(found) > 1:
+                names = ", ".join(sorted(found))
+                raise UserError(f"the models were trained on different datasets ({names}); pass --dataset")
+            dataset = found.pop() if found else "fashion-mnist"
+        ds = load_data(dataset, data_dir, n, download)
+        if not eps_values:
+            text = DEFAULT_EPS.get(ds.name, "8/255")
+            if not ctx or ctx.rank == 0:
+                click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)
+            eps_values = [parse_eps(text)]
+        if not ctx or ctx.rank == 0:
+            click.echo(f"writing {mine if not ctx else out} (rerun with --out {out} to resume)", err=True)
+        runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
+                        seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
+                        queries=queries, bpda=bpda, precision=precision, compile=compile_model, shard=shard,
+                        **overrides)
+        if ctx is not None:
+            distributed.wait_all(ctx)
+            if ctx.rank != 0:
+                return
+        title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
+        if shard is not None and ctx is None:
+            show_shard(out, shard, title, allow_unreliable)
+            return
+        fail_if_unreliable(show_results(out, title=title), allow_unreliable)
+    finally:
+        if ctx is not None:
+            distributed.stop()
+
+
+def show_shard(out: Path, shard: tuple[int, int], title: str, allow_unreliable: bool) -> None:
+    """Print one shard's table (its own examples only) and how to merge the shards."""
+    from robusteval import alarms, records
+
+    df = records.read(out / records.shard_filename(*shard))
+    alarm_file = out / alarms.shard_filename(*shard)
+    alarm_list = alarms.read(alarm_file) if alarm_file.is_file() else None
+    show_table(df, alarm_list, title=f"{title} — shard {shard[0]}/{shard[1]} only")
+    click.echo(f"records: {out / records.shard_filename(*shard)}")
+    click.echo(f"when every shard is done: robusteval report {out}")
+    fail_if_unreliable(alarm_list or [], allow_unreliable)

@@ -26,7 +26,7 @@ from robusteval.paths import output_dir
 @model_option
 @click.option("--eps", default=None, help="Radius ε: 8/255, 0.031 (default: per dataset).")
 @model_options
-@click.option("--n", type=click.IntRange(min=1), default=None,
+@click.option("--n", "-n", "--num-examples", "n", type=click.IntRange(min=1), default=None,
               help=f"Number of test examples (default {DEFAULT_N}, or all if fewer).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True,

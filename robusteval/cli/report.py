@@ -56,7 +56,7 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_un
 
     df = records.read(list(record_files), merge_runs=merge_runs)
     dirs = {Path(p) if Path(p).is_dir() else Path(p).parent for p in record_files}
-    checked = [d for d in dirs if (d / alarms.FILENAME).is_file()]
+    checked = [d for d in dirs if alarms.exists(d)]
     alarm_list = [a for d in sorted(checked) for a in alarms.read(d)] if checked else None
     table = reports.summarize(df, rows=_split(rows), columns=columns)
     if alarm_list is not None:
