@@ -173,3 +173,31 @@ def test_shard_and_torchrun_together_are_refused(tiny_ckpt, tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "0")
     res = CliRunner().invoke(cli, _args(tiny_ckpt, tmp_path / "o", extra=("--shard", "0/2")))
     assert res.exit_code != 0 and "--shard and torchrun" in res.output
+
+
+def test_two_process_training_writes_one_checkpoint_that_loads_and_resumes(tmp_path):
+    from robusteval.models import load_model
+
+    out = tmp_path / "ddp.pt"
+    base = [*TORCHRUN, "-m", "robusteval", "train", "--method", "adversarial", "--steps", "1", "--n-train",
+            "200", "--batch-size", "50", "--eval-n", "0", "--out", str(out), "--quiet"]
+    first = subprocess.run([*base, "--epochs", "1"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp.pt"]  # rank 0 alone writes
+    assert first.stdout.count(str(out)) == 1  # one final line, from rank 0
+    loaded = load_model(out)
+    assert loaded.meta["training"]["method"] == "adversarial"
+    again = subprocess.run([*base, "--epochs", "2", "--resume"], capture_output=True, text=True,
+                           env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    epochs = load_model(out).meta["metrics"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(e["train_loss"] == e["train_loss"] and e["train_acc"] > 0 for e in epochs)  # finite, summed
+
+
+def test_training_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    cmd = [*TORCHRUN, "-m", "robusteval", "train", "--method", "nominal", "--n-train", "200", "--batch-size",
+           "51", "--eval-n", "0", "--epochs", "1", "--out", str(tmp_path / "x.pt"), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode != 0
+    assert "batch size 51 does not split over 2 processes" in proc.stderr

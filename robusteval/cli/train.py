@@ -101,7 +101,28 @@ def train_command(ctx, method, out, quiet, resume, overwrite, download, threads,
       robusteval train --method trades --trades-beta 6 --n-train 5000 --epochs 3 --out trades.pt
       robusteval train --method llr --dataset cifar10 --out llr-c10.pt    # the paper's WRN-28-8 recipe
       robusteval train --method llr --out llr.pt --resume          # after Ctrl-C
+      torchrun --nproc-per-node=4 -m robusteval train --method llr --dataset cifar10 --out llr.pt
+
+    Under torchrun each rank trains on its share of every global batch (--batch-size is the global
+    batch), gradients are averaged over the ranks, the ε ramp and lr schedule follow the global step,
+    and rank 0 alone writes the checkpoint; --resume works with the same number of processes.
+    Batch-norm batch statistics are per rank (not synchronised); running statistics are averaged over
+    the ranks at each epoch end.
     """
+    from robusteval import distributed
+
+    dist_ctx = distributed.from_env()
+    if dist_ctx is None:
+        return _train_command(ctx, method, out, quiet, resume, overwrite, download, threads, eps_scale, opts)
+    try:  # torchrun: every rank trains on its share of each global batch; rank 0 writes the checkpoint
+        opts["device"] = distributed.start(dist_ctx, opts.get("device") or "auto")
+        return _train_command(ctx, method, out, quiet or dist_ctx.rank != 0, resume, overwrite, download,
+                              threads, eps_scale, opts, echo=dist_ctx.rank == 0)
+    finally:
+        distributed.stop()
+
+
+def _train_command(ctx, method, out, quiet, resume, overwrite, download, threads, eps_scale, opts, echo=True):
     from pathlib import Path
 
     from robusteval.training import make_config, resume_config, train
@@ -147,6 +168,8 @@ def train_command(ctx, method, out, quiet, resume, overwrite, download, threads,
         cfg = make_config(method, given.pop("dataset"), **given)
 
     metrics = train(cfg, out, resume=resume, download=download, progress=not quiet)
+    if not echo:
+        return
     line = f"{out}"
     if "clean_acc" in metrics:
         line += (f"\theld-out clean {metrics['clean_acc']:.2%}\tPGD-{cfg.eval_steps}@{cfg.eps:.4g} "

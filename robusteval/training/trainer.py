@@ -377,6 +377,56 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
                       on_step=on_step)
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sync_start(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights and buffers (they are equal by seeding; this makes sure)."""
+    import torch.distributed as dist
+
+    for t in model.state_dict().values():
+        dist.broadcast(t.data, src=0)
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """Data parallelism by hand: each parameter's gradient is averaged over the ranks (all-reduce), so
+    every rank takes the optimizer step of the whole global batch. ``DistributedDataParallel``'s reducer
+    assumes one forward per backward, which LLR's inner maximisation and batch-norm capture/replay break
+    (several forwards of the same module per step); averaging after ``backward`` is the same arithmetic."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _reduce_epoch(ck: "_Checkpointer", world: int) -> None:
+    """End of epoch, all ranks: sum the running loss/accuracy sums, average batch-norm running statistics
+    (each rank normalised with its own sub-batch; the checkpoint gets the ranks' mean)."""
+    import torch.distributed as dist
+
+    sums = torch.tensor([ck.sums["loss"], ck.sums["correct"], ck.sums["seen"]], dtype=torch.float64)
+    dist.all_reduce(sums)
+    ck.sums = {"loss": float(sums[0]), "correct": int(sums[1]), "seen": int(sums[2])}
+    for name, buf in ck.model.named_buffers():
+        if buf.is_floating_point() and ("running_mean" in name or "running_var" in name):
+            dist.all_reduce(buf)
+            buf /= world
+
+
 class _Checkpointer:
     """The resumable state of a training run — model, optimizer, position, running sums, history — and
     how it is written (:func:`save_checkpoint`, every epoch end and on interrupt) and read back."""
@@ -389,6 +439,7 @@ class _Checkpointer:
         self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
         self.history: list[dict] = []
         self.mutating = False  # True inside a step: the model has moved past the recorded position
+        self.rank, self.world = _world()  # only rank 0 writes the checkpoint
 
     def restore(self) -> None:
         """Continue the run saved at ``out``: weights, optimizer, global RNG, position, sums, history."""
@@ -412,6 +463,8 @@ class _Checkpointer:
     def save(self, finished: bool = False) -> None:
         from robusteval.models import save_checkpoint
 
+        if self.rank != 0:
+            return
         p = self.position
         resume_state = {
             **p,
@@ -444,7 +497,7 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
     from robusteval.data import augment_crop_flip
 
     t = epoch * ck.steps_per_epoch + i
-    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][ck.rank::ck.world]  # this rank's share
     x, y, ids = train_ds.images[idx], train_ds.labels[idx], train_ds.ids[idx]
     if cfg.augment:
         x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, _TAG_AUG)))
@@ -454,6 +507,8 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
     res = compute_loss(loss_cfg, ck.model, x, y, eps=eps_t, ids=ids, seed=_seed(cfg, t, _TAG_ATTACK))
     ck.opt.zero_grad(set_to_none=True)
     res.loss.backward()
+    if ck.world > 1:
+        _average_gradients(ck.model, ck.world)
     ck.opt.step()
     loss_value = float(res.loss.detach())
     correct = int((res.logits.detach().argmax(1) == y).sum())
@@ -468,13 +523,15 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
 def _end_of_epoch(cfg: TrainConfig, ck: _Checkpointer, heldout, epoch: int, lr: float, started: float,
                   device) -> str:
     """Held-out check, history record, checkpoint; returns the epoch's summary line."""
+    if ck.world > 1:
+        _reduce_epoch(ck, ck.world)
     sums = ck.sums
     last_eps = eps_at(cfg, (epoch + 1) * ck.steps_per_epoch - 1, ck.steps_per_epoch)
     record = {"epoch": epoch + 1, "lr": lr, "train_eps": last_eps,
               "train_loss": sums["loss"] / max(sums["seen"], 1),
               "train_acc": sums["correct"] / max(sums["seen"], 1),
               "train_seconds": time.perf_counter() - started}
-    if heldout is not None and len(heldout):
+    if heldout is not None and len(heldout) and ck.rank == 0:
         record.update(heldout_check(ck.model, heldout, cfg.eps, steps=cfg.eval_steps,
                                     seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
     ck.history.append(record)
@@ -521,12 +578,19 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
     model, arch_kwargs = build_model(cfg, train_ds)
     model.to(device)
     ck = _Checkpointer(cfg, out, model, arch_kwargs, make_optimizer(model, cfg), steps_per_epoch)
+    if ck.world > 1:
+        if cfg.batch_size % ck.world:
+            raise UserError(f"batch size {cfg.batch_size} does not split over {ck.world} processes: use a "
+                            f"multiple of {ck.world}")
+        _sync_start(model)
     if resume:
         ck.restore()
     start_epoch, start_step = ck.position["epoch"], ck.position["step_in_epoch"]
     loss_cfg = cfg.loss_config()
     console = Console(stderr=True)
-    echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True, markup=False)
+    echo = lambda msg: console.print(msg, highlight=False, soft_wrap=True, markup=False) if ck.rank == 0 \
+        else None
+    progress = progress and ck.rank == 0
     for note in schedule_notes(cfg):
         echo(f"note: {note}")
     if start_epoch >= cfg.epochs:
