@@ -44,7 +44,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise UserError(f"--shard must be I/N with 0 ≤ I < N (e.g. 0/4 … 3/4), got {text!r}")
+        raise UserError(f"`shard` must be I/N with 0 ≤ I < N (e.g. 0/4 … 3/4), got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -67,7 +67,7 @@ def start(ctx: Context, device: str) -> str:
 
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device == "cuda" and not cuda:
-        raise UserError("--device cuda but CUDA is not available on this machine")
+        raise UserError("`device` cuda was requested but CUDA is not available on this machine")
     if cuda:
         torch.cuda.set_device(ctx.local_rank)
     if not dist.is_initialized():

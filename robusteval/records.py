@@ -411,7 +411,7 @@ def files_in(directory: Path) -> list[Path]:
         missing = sorted(set(range(count)) - have)
         if missing:
             names = ", ".join(f"{i}/{count} ({shard_filename(i, count)})" for i in missing)
-            raise UserError(f"{directory}: shard(s) {names} missing; run them (--shard I/N) before reporting")
+            raise UserError(f"{directory}: shard(s) {names} missing; run them (`shard` I/N) before reporting")
         files += [directory / shard_filename(i, count) for i in range(count)]
     return files or [directory / FILENAME]
 

@@ -163,7 +163,7 @@ def test_more_ranks_than_examples_is_a_clear_error(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("text", ["2/2", "a/b", "1", "-1/3", "0/0"])
 def test_bad_shard_spec_is_refused(text):
-    with pytest.raises(UserError, match="--shard must be I/N"):
+    with pytest.raises(UserError, match="shard must be I/N"):
         distributed.parse_shard(text)
     assert distributed.parse_shard("1/3") == (1, 3)
 
