@@ -19,6 +19,7 @@ from robusteval.cli.options import (
     resolve_eps,
     unique_names,
 )
+from robusteval.errors import UserError
 from robusteval.paths import output_dir
 
 
@@ -56,10 +57,30 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
       robusteval gamma --model zoo:fmnist-adv2 --model zoo:fmnist-llr2 --eps 0.1
       robusteval gamma --model ckpt.pt --eps 8/255 --dataset cifar10 --n 1000 --out runs/g
       robusteval gamma --model ckpt.pt --eps 8 --eps-scale 255 --bn nominal --log-counts
+      torchrun --nproc-per-node=4 -m robusteval gamma -m ckpt.pt --dataset cifar10 -n 10000 --out runs/g
+
+    Under torchrun each rank measures the examples at positions rank, rank + N, ... into
+    DIR/gamma.shard-R-of-N.csv; rank 0 merges them into DIR/gamma.csv (the single-process rows, in
+    dataset order) and draws the figures.
     """
+    from robusteval import distributed
+
+    ctx = distributed.from_env()
+    if ctx is not None:
+        device = distributed.start(ctx, device)
+    try:
+        _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n, batch_size, steps,
+               step_size, restarts, bn, grad_mode, bins, log_counts, out)
+    finally:
+        if ctx is not None:
+            distributed.stop()
+
+
+def _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n, batch_size, steps,
+           step_size, restarts, bn, grad_mode, bins, log_counts, out):
     import torch
 
-    from robusteval import records
+    from robusteval import distributed, records
     from robusteval.figures import gamma_histogram
     from robusteval.linearity import gamma_records, gamma_summary
 
@@ -76,10 +97,17 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
         if dname not in data:
             data[dname] = load_data(dname, data_dir, n)
         ds = data[dname]
+        if ctx is not None:
+            if ctx.world > len(ds):
+                raise UserError(f"{ctx.world} processes but only {len(ds)} examples: use at most {len(ds)}")
+            ds = ds.subset(torch.arange(ctx.rank, len(ds), ctx.world))
         radius, text = resolve_eps(eps, eps_scale, ds.name, with_text=True)
         check_fits(lm, ds, device, radius, seed, batch_size)
         jobs.append((ds, radius, text))
-    with progress() as bar:
+    if ctx is not None:
+        distributed.agree(ctx, {"models": list(models), "eps": eps, "n": n, "seed": seed, "steps": steps,
+                                "out": str(out.resolve()), "bn": bn, "grad_mode": grad_mode})
+    with progress(enabled=ctx is None or ctx.rank == 0) as bar:
         for lm, name, (ds, radius, text) in zip(loaded, names, jobs, strict=True):
             task = bar.add_task(f"γ {name}", total=len(ds))
             rows += gamma_records(lm.model, name, lm.sha256, ds, radius, text, batch_size=batch_size,
@@ -88,6 +116,12 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
                                   on_batch=lambda k, task=task: bar.advance(task, k))
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    if ctx is not None:
+        records.write_gamma(out / f"gamma.shard-{ctx.rank}-of-{ctx.world}.csv", rows)
+        distributed.wait_all(ctx)
+        if ctx.rank != 0:
+            return
+        rows = _merge_gamma_shards(out, ctx.world, names)
     path = records.write_gamma(out / records.GAMMA_FILENAME, rows)
     # Every figure and table is redrawn from the file just written (records are the one result format).
     df = records.read_gamma(path)
@@ -98,6 +132,19 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
     render_summary(summary)
     for f in ("gamma.csv", "gamma_hist.png", "gamma_hist.csv", "gamma_summary.csv"):
         click.echo(str(out / f))
+
+
+def _merge_gamma_shards(out, world: int, names: list[str]) -> list[dict]:
+    """The rows of every rank's shard file, in single-process order (model, then example position)."""
+    import pandas as pd
+
+    from robusteval import records
+
+    df = pd.concat([records.read_gamma(out / f"gamma.shard-{r}-of-{world}.csv") for r in range(world)],
+                   ignore_index=True)
+    df["_model"] = df["model"].map({m: i for i, m in enumerate(names)})
+    df = df.sort_values(["_model", "example_id"], kind="stable").drop(columns="_model")
+    return df.to_dict("records")
 
 
 def render_summary(summary) -> None:

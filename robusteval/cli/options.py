@@ -29,14 +29,14 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def progress():
+def progress(enabled: bool = True):
     """A rich progress bar on stderr (data stays clean on stdout), gone when done; plain lines in a log."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from robusteval.progress import make
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return make(*columns, console=console(stderr=True), transient=True)
+    return make(*columns, console=console(stderr=True), transient=True, disable=not enabled)
 
 
 def load(spec: str, arch: str | None, device: str):
