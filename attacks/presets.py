@@ -11,13 +11,16 @@
 | apgd-ce           | apgd      | 100   | 2ε, then APGD's own rule        | 1        | cross-entropy        |
 | apgd-dlr          | apgd      | 100   | same                            | 1        | DLR                  |
 | apgd-t            | apgd      | 100   | same                            | 1 (**)   | targeted DLR         |
+| apgd-dlr-odi      | apgd      | 100   | same                            | 5, ODI   | DLR                  |
+| apgd-ce-odi       | apgd      | 100   | same                            | 5, ODI   | cross-entropy        |
 
 (*) round-robin over the wrong classes ranked by clean margin.
 (**) every restart runs each of the 3 wrong classes nearest by linearised distance (MALT ranking),
      from an output-diversified start (ODI, 2 steps).
 
 Batteries (:data:`BATTERIES`) are named sequences of presets, each run on the survivors of the ones
-before it: ``standard`` (``apgd-ce`` then ``apgd-t``; the runner's checks end it with Square) and
+before it: ``standard`` (``apgd-ce``, ``apgd-t``, ``apgd-dlr-odi``, ``apgd-ce-odi``; the runner's checks
+end it with Square) and
 ``paper`` (the LLR paper's three attacks at 20 × 200).
 
 Every knob can be overridden: ``get(name, eps, steps=..., restarts=..., step_size=..., objective=...)``.
@@ -103,6 +106,18 @@ def apgd_t(eps: float, bounds=(0.0, 1.0)) -> Attack:
                   100, 1, targets=RankedTargets(3, all=True, by="linearised"), start=DiverseStart(2))
 
 
+def apgd_dlr_odi(eps: float, bounds=(0.0, 1.0)) -> Attack:
+    """APGD on DLR, 5 restarts of 100 steps from output-diversified starts (ODI), on survivors only: the
+    diverse-restart round of ``standard`` (restarts from different faces of the ball find the optima
+    that one start misses, which matters most at large ε)."""
+    return apgd_dlr(eps, bounds).replace(name="apgd-dlr-odi", restarts=5, start=DiverseStart(2))
+
+
+def apgd_ce_odi(eps: float, bounds=(0.0, 1.0)) -> Attack:
+    """APGD on the cross-entropy, 5 restarts of 100 steps from output-diversified starts (ODI)."""
+    return apgd_ce(eps, bounds).replace(name="apgd-ce-odi", restarts=5, start=DiverseStart(2))
+
+
 Builder = Callable[..., Attack]
 
 
@@ -157,6 +172,8 @@ PRESETS = Registry(
         "apgd-ce": apgd_ce,
         "apgd-dlr": apgd_dlr,
         "apgd-t": apgd_t,
+        "apgd-dlr-odi": apgd_dlr_odi,
+        "apgd-ce-odi": apgd_ce_odi,
     },
     families={"pgd-K": (r"pgd-(\d+)", _pgd_family)},
 )
@@ -164,7 +181,7 @@ _SPELLINGS = {"fgsm20": "fgsm-20", "multitargeted": "multi-targeted", "randomtar
 
 #: Named batteries: presets run in order, each on the survivors of the ones before it.
 BATTERIES: dict[str, tuple[str, ...]] = {
-    "standard": ("apgd-ce", "apgd-t"),
+    "standard": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
 }
 

@@ -151,7 +151,8 @@ def main():
           + f", {args.dataset} n={len(x)} ({ds.source}), eps={args.eps}, {time.strftime('%Y-%m-%d %H:%M')}")
     if args.battery == "standard":
         battery, kw = ["standard"], {}
-        print("# robusteval battery: standard (apgd-ce, apgd-t), then the Square check on the survivors")
+        print(f"# robusteval battery: standard ({', '.join(attacks.BATTERIES['standard'])}), then the Square "
+              "check on the survivors")
     else:
         battery, kw = ["untargeted", "multi-targeted"], dict(restarts=args.restarts, steps=args.steps)
         print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "

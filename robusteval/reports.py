@@ -35,7 +35,7 @@ NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε",
            "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
-_UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t"}
+_UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t", "odi"}
 
 
 def attack_title(name: str) -> str:

@@ -133,11 +133,14 @@ def test_diverse_starts_stay_in_the_ball_depend_only_on_the_example_and_differ_f
 # ------------------------------------------------------------------------------------- the battery
 
 
-def test_standard_battery_is_apgd_ce_then_targeted_apgd():
+def test_standard_battery_members_in_order():
     built = runner.build_attacks(["standard"], 0.1)
-    assert [a.name for a in built] == ["apgd-ce", "apgd-t"]
+    members = ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
+    assert [a.name for a in built] == members
+    assert [a.restarts for a in built] == [1, 1, 5, 5]
+    assert all(isinstance(a.start, attacks.DiverseStart) for a in built[1:])
     with_check = runner.build_attacks(["standard"], 0.1, checks=True)
-    assert [a.name for a in with_check] == ["apgd-ce", "apgd-t", "square"]
+    assert [a.name for a in with_check] == [*members, "square"]
     paper = runner.build_attacks(["paper"], 0.1)
     assert [(a.name, a.steps, a.restarts) for a in paper] == [
         ("untargeted", 200, 20), ("random-targeted", 200, 20), ("multi-targeted", 200, 20)]
@@ -211,7 +214,7 @@ def test_cli_default_runs_standard_and_prints_one_column_per_member(tmp_path):
     assert res.exit_code == 0, res.output
     header = next(line for line in res.output.splitlines() if "APGD-CE" in line)
     cells = [c.strip() for c in header.replace("┃", "|").split("|")]
-    for column in ("APGD-CE", "APGD-T", "Square", "Worst case"):
+    for column in ("APGD-CE", "APGD-T", "APGD-DLR-ODI", "APGD-CE-ODI", "Square", "Worst case"):
         assert column in cells, header
     assert "Untargeted" not in res.output
 

@@ -68,10 +68,11 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @cli.command("attack")
 @model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
-              help="Attack preset or battery, in battery order (repeat). Default: standard (apgd-ce, then "
-                   "apgd-t on its survivors, then Square as the check). paper: the LLR paper's untargeted, "
-                   "random-targeted and multi-targeted at 20 × 200. Presets: untargeted, random-targeted, "
-                   "multi-targeted, fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, square.")
+              help="Attack preset or battery, in battery order (repeat). Default: standard (apgd-ce, apgd-t, "
+                   "apgd-dlr-odi, apgd-ce-odi, each on the survivors of the ones before, then Square as the "
+                   "check). paper: the LLR paper's untargeted, random-targeted and multi-targeted at "
+                   "20 × 200. Presets: untargeted, random-targeted, multi-targeted, fgsm-20, pgd-K, "
+                   "apgd-ce, apgd-dlr, apgd-t, apgd-dlr-odi, apgd-ce-odi, square.")
 @click.option("--eps", "eps_texts", multiple=True,
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
