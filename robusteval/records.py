@@ -394,6 +394,19 @@ def shard_filename(index: int, count: int) -> str:
     return f"records.shard-{index}-of-{count}.csv"
 
 
+def check_split(directory: Path, shard: tuple[int, int] | None) -> None:
+    """Refuse to mix a split and an unsplit run (or two splits) in one output directory: resuming reads
+    only this process's file, so the other files' examples would be evaluated again and merge twice."""
+    counts = {int(m.group(2)) for p in directory.glob("records.shard-*-of-*.csv")
+              if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if shard is None and counts:
+        raise UserError(f"{directory} holds the records of a run split into {max(counts)} shards; finish it "
+                        "with `shard` (or torchrun) or use another output directory")
+    if shard is not None and ((directory / FILENAME).is_file() or counts - {shard[1]}):
+        raise UserError(f"{directory} already holds the records of a run not split into {shard[1]} shards; "
+                        "use another output directory")
+
+
 def files_in(directory: Path) -> list[Path]:
     """The records files of a run directory: ``records.csv`` and every shard file. A shard set must be
     complete (shards 0..N−1 of one N): a missing shard is named, never silently absent."""

@@ -370,6 +370,7 @@ def evaluate(
     name = records.shard_filename(*shard) if shard else records.FILENAME
     path = Path(out) / name if out is not None else None
     if path is not None:
+        records.check_split(path.parent, shard)
         records.check_appendable(path)  # an unwritable output fails before any work
     device = resolve_device(device)
     if isinstance(dataset, str):

@@ -219,3 +219,17 @@ def test_torchrun_gamma_merges_the_ranks_into_the_single_process_rows(tiny_ckpt,
     rel = ((one["gamma"] - two["gamma"]).abs() / one["gamma"].abs().clip(lower=1e-8))
     assert rel.median() < 1e-4 and (rel < 1e-3).mean() >= 0.8
     assert (tmp_path / "two" / "gamma_hist.png").is_file()
+
+
+def test_split_and_unsplit_runs_do_not_mix_in_one_out(tiny_ckpt, tmp_path):
+    out = tmp_path / "mixed"
+    res = CliRunner().invoke(cli, _args(tiny_ckpt, out, n=6, extra=("--shard", "0/2")))
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, _args(tiny_ckpt, out, n=6))
+    assert res.exit_code != 0 and "split into 2 shards; finish it with --shard" in res.output
+    res = CliRunner().invoke(cli, _args(tiny_ckpt, out, n=6, extra=("--shard", "0/3")))
+    assert res.exit_code != 0 and "not split into 3 shards" in res.output
+    single = tmp_path / "single"
+    assert CliRunner().invoke(cli, _args(tiny_ckpt, single, n=6)).exit_code == 0
+    res = CliRunner().invoke(cli, _args(tiny_ckpt, single, n=6, extra=("--shard", "1/2")))
+    assert res.exit_code != 0 and "not split into 2 shards" in res.output
