@@ -116,8 +116,9 @@ def train_command(ctx, method, out, quiet, resume, overwrite, download, threads,
         return _train_command(ctx, method, out, quiet, resume, overwrite, download, threads, eps_scale, opts)
     try:  # torchrun: every rank trains on its share of each global batch; rank 0 writes the checkpoint
         opts["device"] = distributed.start(dist_ctx, opts.get("device") or "auto")
-        return _train_command(ctx, method, out, quiet or dist_ctx.rank != 0, resume, overwrite, download,
-                              threads, eps_scale, opts, echo=dist_ctx.rank == 0)
+        _train_command(ctx, method, out, quiet or dist_ctx.rank != 0, resume, overwrite, download, threads,
+                       eps_scale, opts, echo=dist_ctx.rank == 0)
+        distributed.wait_all(dist_ctx)  # no rank leaves while another still has collective work in flight
     finally:
         distributed.stop()
 
