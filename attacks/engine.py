@@ -175,11 +175,10 @@ class Evasion:
 
     evades = True
 
-    def observe(self, best: _Best, it: _Iterate, last: bool) -> torch.Tensor:
+    def observe(self, best: _Best, it: _Iterate, last: bool) -> None:
         solved = (it.margin > 0) & ~best.success
         best.update(solved | ((it.margin > best.score) & ~best.success), it, by_margin=True)
         best.success |= solved
-        return solved
 
 
 @dataclass(frozen=True)
@@ -388,7 +387,7 @@ class _Rows:
     target: torch.Tensor | None
     state: object
     best: _Best
-    run: int | torch.Tensor = 0  # the run index (per row when runs are tiled)
+    run: int | torch.Tensor  # the run index (per row when runs are tiled)
 
     def keep(self, keep: torch.Tensor) -> _Rows:
         return _Rows(self.act[keep], self.xs[keep], self.ys[keep], self.x[keep],
@@ -474,16 +473,9 @@ def run(
                     on_run(k, len(trials), int((~best.success).sum()))
             j += m
             continue
-        slot = trials[j][1]
-        xs, gens = x[act], generators(seed, ids[act.cpu()].tolist(), j)
-        start = attack.start(xs, attack.threat, gens, model=model)  # the optimizer may keep drawing from gens
-        counter["rows"] += act.numel() * getattr(attack.start, "steps", 0)
-        box = attack.threat.box(xs)
-        state = _init_state(attack.optimizer, start, gens, attack.steps, box)
-        rows = _Rows(act, xs, y[act], start, box, {k: v[act] for k, v in prepared.items()},
-                     None if slot is None else targets[act, slot], state, best.gather(act))
-        rows.run = j
-        rows = _ascend(attack, model, rows, j, every, best, counter, low)
+        rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, [j], act, act,
+                      best.gather(act), counter)
+        rows = _ascend(attack, model, rows, every, best, counter, low)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
             on_run(j, len(trials), int((~best.success).sum()))
@@ -501,34 +493,44 @@ def _tile_count(tile, device, n: int, active: int, left: int) -> int:
     return max(1, min(left, n // max(active, 1))) if on else 1
 
 
+def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, index, local: _Best,
+           counter: dict) -> _Rows:
+    """The rows of runs ``js`` on the examples ``act``, one block per run (one block unless tiled): each
+    run's starts from its own generator stream (which the optimizer may keep drawing from), its target
+    slot, a fresh optimizer state. ``index`` names the rows in the copy of the best points they write
+    back to, ``local`` is their own copy."""
+    starts, gens, tgts = [], [], []
+    for j in js:
+        g = generators(seed, ids[act.cpu()].tolist(), j)
+        starts.append(attack.start(x[act], attack.threat, g, model=model))
+        gens += g
+        slot = trials[j][1]
+        tgts.append(None if slot is None else targets[act, slot])
+    counter["rows"] += act.numel() * len(js) * getattr(attack.start, "steps", 0)
+    rep = act.repeat(len(js))
+    xs, start = x[rep], torch.cat(starts)
+    box = attack.threat.box(xs)
+    state = _init_state(attack.optimizer, start, gens, attack.steps, box)
+    run = js[0] if len(js) == 1 else torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
+    return _Rows(index, xs, y[rep], start, box, {k: v[rep] for k, v in prepared.items()},
+                 None if tgts[0] is None else torch.cat(tgts), state, local, run)
+
+
 def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, best: _Best,
            counter: dict, every: int, low) -> None:
     """Runs ``js`` side by side on the survivors ``act``, one block of rows per run, each with the
     generator stream of its run; then folded into ``best`` in run order exactly as if they had run one
     after another: a run counts for an example only if no earlier run broke it (its steps too), a broken
     example keeps the first run's point, an unbroken one the strictly best score in run order."""
-    a, threat = act.numel(), attack.threat
-    starts, gens, tgts = [], [], []
-    for j in js:
-        g = generators(seed, ids[act.cpu()].tolist(), j)
-        starts.append(attack.start(x[act], threat, g, model=model))
-        gens += g
-        slot = trials[j][1]
-        tgts.append(None if slot is None else targets[act, slot])
-    m = len(js)
-    rep = act.repeat(m)
-    xs, start = x[rep], torch.cat(starts)
-    box = threat.box(xs)
-    state = _init_state(attack.optimizer, start, gens, attack.steps, box)
-    tile = best.gather(rep)  # the tile's own copy: one row per (run, example)
+    a, m = act.numel(), len(js)
+    tile = best.gather(act.repeat(m))  # the tile's own copy of the best points: one row per (run, example)
     local = {"rows": 0, "nonfinite": torch.zeros(a * m, dtype=torch.bool, device=x.device)}
-    runs = torch.tensor(list(js), device=x.device).repeat_interleave(a)
-    rows = _Rows(torch.arange(a * m, device=x.device), xs, y[rep], start, box,
-                 {k: v[rep] for k, v in prepared.items()}, None if tgts[0] is None else torch.cat(tgts),
-                 state, tile.gather(torch.arange(a * m, device=x.device)), runs)
-    rows = _ascend(attack, model, rows, runs, every, tile, local, low)
+    virtual = torch.arange(a * m, device=x.device)
+    rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, js, act, virtual,
+                  tile.gather(virtual), counter)
+    rows = _ascend(attack, model, rows, every, tile, local, low)
     tile.scatter(rows.act, rows.best)
-    counter["rows"] += local["rows"] + a * m * getattr(attack.start, "steps", 0)
+    counter["rows"] += local["rows"]
     for k in range(m):
         part = tile.select(torch.arange(k * a, (k + 1) * a, device=x.device))
         open_ = ~best.success[act]  # run js[k] would have run on these, one after another
@@ -553,14 +555,15 @@ def _init_state(opt, x, gens, steps: int, box):
     return opt.init(x, gens, **{k: v for k, v in (("steps", steps), ("box", box)) if k in params})
 
 
-def _ascend(attack: Attack, model, rows: _Rows, j: int, every: int, best: _Best, counter: dict,
+def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter: dict,
             low: torch.dtype | None = None) -> _Rows:
     """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked.
 
     Solved rows leave the batch every ``every`` steps (0: never); until then they keep stepping, but
     nothing of theirs is recorded (their best point is locked, their step count stops). ``low``: the
     dtype the model runs in under autocast; an iterate that looks adversarial there is re-evaluated in
-    fp32, and only the fp32 logits decide success.
+    fp32, and only the fp32 logits decide success (finding those rows costs one host synchronisation
+    per step under low precision; fp32 runs have none but the compaction's).
     """
     obj, opt, threat = attack.objective, attack.optimizer, attack.threat
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
@@ -590,7 +593,7 @@ def _ascend(attack: Attack, model, rows: _Rows, j: int, every: int, best: _Best,
         rows.x = threat.project(proposal, rows.xs, rows.box)
         if every and attack.tracking.evades and (step + 1) % every == 0:
             done = rows.best.success
-            if bool(done.any()):  # the only host synchronisation of the loop, once per ``every`` steps
+            if bool(done.any()):  # in fp32 the loop's only host synchronisation, once per ``every`` steps
                 best.scatter(rows.act, rows.best, done)
                 rows = rows.keep((~done).nonzero()[:, 0])
                 if rows.act.numel() == 0:

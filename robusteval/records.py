@@ -389,9 +389,9 @@ def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
 SHARD_PATTERN = re.compile(r"records\.shard-(\d+)-of-(\d+)\.csv")
 
 
-def shard_filename(index: int, count: int) -> str:
-    """The records file of shard ``index`` of ``count`` (0-based): ``records.shard-I-of-N.csv``."""
-    return f"records.shard-{index}-of-{count}.csv"
+def shard_filename(index: int, count: int, stem: str = "records") -> str:
+    """The file of shard ``index`` of ``count`` (0-based): ``records.shard-I-of-N.csv`` (``gamma.…``)."""
+    return f"{stem}.shard-{index}-of-{count}.csv"
 
 
 def check_split(directory: Path, shard: tuple[int, int] | None) -> None:

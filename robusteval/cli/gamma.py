@@ -117,7 +117,7 @@ def _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     if ctx is not None:
-        records.write_gamma(out / f"gamma.shard-{ctx.rank}-of-{ctx.world}.csv", rows)
+        records.write_gamma(out / records.shard_filename(ctx.rank, ctx.world, "gamma"), rows)
         distributed.wait_all(ctx)
         if ctx.rank != 0:
             return
@@ -140,8 +140,8 @@ def _merge_gamma_shards(out, world: int, names: list[str]) -> list[dict]:
 
     from robusteval import records
 
-    df = pd.concat([records.read_gamma(out / f"gamma.shard-{r}-of-{world}.csv") for r in range(world)],
-                   ignore_index=True)
+    parts = [records.read_gamma(out / records.shard_filename(r, world, "gamma")) for r in range(world)]
+    df = pd.concat(parts, ignore_index=True)
     df["_model"] = df["model"].map({m: i for i, m in enumerate(names)})
     df = df.sort_values(["_model", "example_id"], kind="stable").drop(columns="_model")
     return df.to_dict("records")
