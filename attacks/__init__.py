@@ -24,9 +24,10 @@ Pieces, each a small value you can swap:
   batteries ``standard`` and ``paper`` (:data:`BATTERIES`, :func:`expand`).
 
 The package name is generic; it ships inside the ``robusteval`` distribution and is not published on
-its own. Sources: ALGORITHMS.md (project design), the LLR supplementary, DeepMind's IBP attack library.
+its own. Design and sources: docs/architecture.md and docs/algorithms.md in the repository.
 """
 
+from . import seeding
 from .engine import (
     Attack,
     Evasion,
@@ -34,8 +35,6 @@ from .engine import (
     Maximize,
     NonFiniteLogits,
     Result,
-    example_seed,
-    generators,
     run,
 )
 from .objectives import (
@@ -74,10 +73,12 @@ from .presets import (
     pgd,
     random_targeted,
     square,
+    threat_of,
     untargeted,
 )
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Piecewise, constant, paper_decay, piecewise
+from .seeding import example_seed, generators
 from .square import RandomSquares, WindowSchedule
 from .starts import DiverseStart, NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted, linearised_distance
@@ -89,7 +90,7 @@ __all__ = [
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
     "UniformStart", "NoStart", "StripeStart", "DiverseStart", "linearised_distance", "RandomSquares",
     "WindowSchedule", "square",
-    "example_seed", "generators",
+    "example_seed", "generators", "seeding", "threat_of",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",

@@ -1,20 +1,20 @@
 """The one attack loop. Every named attack, the γ(ε, x) search and the LLR trainer's inner
-maximisation are configurations of :func:`run` (ARCHITECTURE principle 1).
+maximisation are configurations of :func:`run` (docs/architecture.md, "One loop").
 
 An :class:`Attack` is *objective × optimizer × schedule × threat × restarts* (the Optax / DeepMind
 decomposition). :func:`run` executes it with AutoAttack's evaluation semantics:
 
-* a clean forward pass first; with ``goal="misclassify"`` an example the model already gets wrong is
+* a clean forward pass first; under evasion tracking an example the model already gets wrong is
   counted as broken (``x_adv = x``) and never attacked;
 * restarts (and, for multi-targeted, targets) run on the survivors of the previous ones only;
 * within a run, the first iterate that misclassifies an example is kept — a found adversarial example
   is proof and is never thrown away — and the example leaves the active batch (compaction), so cost
-  follows the robust fraction (project decisions 4 and 5). ``final_iterate=True`` reproduces DeepMind's
-  keep-the-final-iterate rule exactly instead;
+  follows the robust fraction (docs/protocol.md, "Success and the best iterate"). ``FinalIterate``
+  tracking reproduces DeepMind's keep-the-final-iterate rule exactly instead;
 * every iterate is projected by the threat model before it is evaluated, so the returned ``x_adv`` is
   exactly the point whose logits decided success;
 * randomness comes from one ``torch.Generator`` per (seed, example id, run), so results do not depend on
-  batch size, example order or device (project decision 6);
+  batch size, example order or device (:mod:`attacks.seeding`);
 * the model is never modified: no ``train()``/``eval()`` call, gradients are taken with respect to the
   input only (``torch.autograd.grad``), so parameters' ``.grad``, buffers and mode are untouched.
 
@@ -28,7 +28,6 @@ each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -36,30 +35,9 @@ import torch
 from .objectives import margin_of
 from .optimizers import select
 from .protocols import Objective, Optimizer, Schedule, Threat
+from .seeding import generators
 from .starts import DiverseStart, NoStart, StartPolicy, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def example_seed(seed: int, example_id: int, stream: int) -> int:
-    """A 63-bit seed for one (seed, example id, stream) triple; stream = run index or a tag."""
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(example_id) & _MASK64))
-    h = _splitmix64(h ^ (int(stream) & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-def generators(seed: int, ids, stream: int) -> list[torch.Generator]:
-    """One CPU generator per example id, seeded by :func:`example_seed`."""
-    return [torch.Generator().manual_seed(example_seed(seed, int(i), stream)) for i in ids]
 
 
 def stable_repr(value) -> str:
@@ -97,7 +75,7 @@ class _Best:
     Within a run the local copy is updated with ``torch.where`` (one pass over the batch per step);
     rows are written back to the global copy when they leave the active batch or the run ends.
     ``score`` ranks candidates: the untargeted margin for evasion (so multi-targeted picks its copy by
-    the untargeted margin, ALGORITHMS §4.3), the objective for maximisation.
+    the untargeted margin, docs/algorithms.md "MultiTargeted"), the objective for maximisation.
     """
 
     x: torch.Tensor
@@ -171,7 +149,7 @@ class _Iterate:
 @dataclass(frozen=True)
 class Evasion:
     """Success is a strict untargeted margin > 0; the first successful iterate is kept (a found example
-    is proof), otherwise the highest margin; solved examples leave the batch (project decisions 3-5)."""
+    is proof), otherwise the highest margin; solved examples leave the batch (docs/protocol.md)."""
 
     evades = True
 
@@ -209,34 +187,6 @@ class FinalIterate:
 
 
 Tracking = Evasion | Maximize | FinalIterate
-_LEGACY = ("targets", "num_targets", "all_targets", "goal", "final_iterate", "random_start")
-
-
-def _policies(changes: dict, targets: TargetPolicy, tracking: Tracking) -> tuple[TargetPolicy, Tracking]:
-    """Translate the flag spelling (``targets="ranked"``, ``num_targets``, ``all_targets``, ``goal``,
-    ``final_iterate``) into policy values; used by :meth:`Attack.replace` and :func:`attacks.get`."""
-    kind = changes.pop("targets", targets)
-    if isinstance(kind, str) or kind is None:
-        kind = {None: Untargeted(), "random": RandomTarget(), "ranked": RankedTargets()}.get(kind, kind)
-        if isinstance(kind, str):
-            raise ValueError("targets must be None, 'random' or 'ranked'")
-    if "num_targets" in changes or "all_targets" in changes:
-        if not isinstance(kind, RankedTargets):
-            raise ValueError("num_targets / all_targets apply to ranked targets only")
-        kind = RankedTargets(changes.pop("num_targets", kind.k), bool(changes.pop("all_targets", kind.all)))
-    if "random_start" in changes:
-        changes["start"] = UniformStart() if changes.pop("random_start") else NoStart()
-    goal = changes.pop("goal", None)
-    final = changes.pop("final_iterate", None)
-    if goal is not None or final is not None:
-        if goal not in (None, "misclassify", "maximize"):
-            raise ValueError("goal must be 'misclassify' or 'maximize'")
-        evades = tracking.evades if goal is None else goal == "misclassify"
-        final = isinstance(tracking, FinalIterate) if final is None else final
-        tracking = FinalIterate(evades) if final else (Evasion() if evades else Maximize())
-    return kind, tracking
-
-
 # --------------------------------------------------------------------------------------------- attack
 
 
@@ -247,9 +197,8 @@ class Attack:
     ``targets``: a target policy (:class:`~attacks.targets.Untargeted`, ``RandomTarget`` — one random
     wrong class per example, shared by its restarts — or ``RankedTargets(k, all)`` — wrong classes by
     clean logit, restarts round-robin or every restart every target). ``tracking``: what is kept from the
-    iterates (:class:`Evasion`, :class:`Maximize`, :class:`FinalIterate`). :meth:`replace` and
-    :func:`attacks.get` also take the flag spelling (``targets="ranked"``, ``num_targets=3``,
-    ``all_targets=True``, ``goal="maximize"``, ``final_iterate=True``).
+    iterates (:class:`Evasion`, :class:`Maximize`, :class:`FinalIterate`). ``start``: where each run
+    begins (:mod:`attacks.starts`).
     """
 
     name: str
@@ -280,26 +229,10 @@ class Attack:
     def eps(self) -> float:
         return self.threat.eps
 
-    @property
-    def goal(self) -> str:
-        """``"misclassify"`` (evasion: success decided, locked and compacted) or ``"maximize"``."""
-        return "misclassify" if self.tracking.evades else "maximize"
-
-    @property
-    def final_iterate(self) -> bool:
-        return isinstance(self.tracking, FinalIterate)
-
-    @property
-    def random_start(self) -> bool:
-        return not isinstance(self.start, NoStart)
-
     def replace(self, **changes) -> Attack:
-        """A copy with some fields changed (``eps=`` replaces the threat's radius; flag spellings too)."""
+        """A copy with some fields changed (``eps=`` replaces the threat's radius, keeping its norm)."""
         if "eps" in changes:
             changes["threat"] = replace(changes.get("threat", self.threat), eps=changes.pop("eps"))
-        if any(k in changes for k in _LEGACY):
-            changes["targets"], changes["tracking"] = _policies(changes, self.targets,
-                                                                changes.pop("tracking", self.tracking))
         return replace(self, **changes)
 
     def config(self) -> str:
@@ -439,7 +372,8 @@ def run(
     tiles ``k`` runs at a time.
     ``on_run(run_index, num_runs, num_unbroken)`` is called after each run (progress reporting).
 
-    Algorithm: ALGORITHMS.md §3 (shared PGD engine) with the project decisions 3-7 and §4 for targets.
+    Algorithm: docs/algorithms.md (the shared engine, targets) and docs/protocol.md (success, survivors,
+    seeding).
     """
     _check_mode(model, allow_train_mode)
     x, y, ids = _check_inputs(attack, x, y, ids)
@@ -510,7 +444,7 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     rep = act.repeat(len(js))
     xs, start = x[rep], torch.cat(starts)
     box = attack.threat.box(xs)
-    state = _init_state(attack.optimizer, start, gens, attack.steps, box)
+    state = attack.optimizer.init(start, gens, steps=attack.steps, box=box)
     run = js[0] if len(js) == 1 else torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
     return _Rows(index, xs, y[rep], start, box, {k: v[rep] for k, v in prepared.items()},
                  None if tgts[0] is None else torch.cat(tgts), state, local, run)
@@ -543,16 +477,6 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
                 new = getattr(part, f.name)
                 col = take.view(-1, *([1] * (new.ndim - 1)))
                 getattr(best, f.name)[act] = torch.where(col, new, cur)
-
-
-def _init_state(opt, x, gens, steps: int, box):
-    """``opt.init`` with the run's length and feasible box for optimizers that take them (``steps=``,
-    ``box=`` or ``**kwargs`` in their signature); an optimizer written to the older ``init(x,
-    generators)`` is called as before."""
-    params = inspect.signature(opt.init).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return opt.init(x, gens, steps=steps, box=box)
-    return opt.init(x, gens, **{k: v for k, v in (("steps", steps), ("box", box)) if k in params})
 
 
 def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter: dict,
@@ -618,11 +542,15 @@ def _confirm_in_fp32(obj, model, rows: _Rows, x, z, val, margin, data, counter):
 
 def _input_gradient(value: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     """∇ of ``value.sum()`` w.r.t. ``leaf``; zero where the model's graph does not reach its input (a
-    detached or thresholded input: masked gradients are for the alarms to report, not a crash)."""
+    detached or thresholded input) and where it is NaN or infinite (finite logits can have a non-finite
+    gradient): masked gradients are for the alarms to report, and a NaN step would poison the iterate and
+    be misread as non-finite logits. Finite gradients pass unchanged."""
     if not value.requires_grad:
         return torch.zeros_like(leaf)
     (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
-    return torch.zeros_like(leaf) if grad is None else grad
+    if grad is None:
+        return torch.zeros_like(leaf)
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _result(attack: Attack, x, ids, z0, best: _Best, counter: dict) -> Result:

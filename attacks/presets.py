@@ -1,4 +1,4 @@
-"""Named attacks with the LLR paper's defaults (supplementary F.1, F.4; ALGORITHMS.md §4 and §7).
+"""Named attacks with the LLR paper's defaults (supplementary F.1, F.4; docs/algorithms.md).
 
 | preset            | optimizer | steps | schedule                        | restarts | objective            |
 |-------------------|-----------|-------|---------------------------------|----------|----------------------|
@@ -42,87 +42,102 @@ from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import LinfBall
 
 
-def untargeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def threat_of(eps, bounds=(0.0, 1.0)):
+    """A threat value from a radius (the L∞ ball of radius ``eps`` in ``bounds``) or a threat itself."""
+    return eps if hasattr(eps, "project") else LinfBall(float(eps), bounds)
+
+
+def _linf(threat) -> LinfBall:
+    """The paper's presets and this library's APGD/Square are defined for the L∞ ball (a number is the
+    L∞ radius)."""
+    threat = threat_of(threat)
+    if not isinstance(threat, LinfBall):
+        raise ValueError(f"this preset is defined for the L∞ threat model, not {threat!r}")
+    return threat
+
+
+def untargeted(threat: LinfBall) -> Attack:
     """Untargeted Adam-PGD on the margin, 200 steps, decaying step size, 20 restarts (LLR F.1)."""
-    return Attack("untargeted", O.Margin(), adam(), paper_decay(0.1), LinfBall(eps, bounds), 200, 20)
+    return Attack("untargeted", O.Margin(), adam(), paper_decay(0.1), _linf(threat), 200, 20)
 
 
-def random_targeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def random_targeted(threat: LinfBall) -> Attack:
     """Random-Targeted: one random wrong class per example shared by its 20 restarts (LLR F.1, IBP)."""
-    return Attack("random-targeted", O.MostLikelyTarget(), adam(), paper_decay(0.1), LinfBall(eps, bounds),
+    return Attack("random-targeted", O.MostLikelyTarget(), adam(), paper_decay(0.1), _linf(threat),
                   200, 20, targets=RandomTarget())
 
 
-def multi_targeted(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def multi_targeted(threat: LinfBall) -> Attack:
     """MultiTargeted (Gowal et al. 2019) as in the LLR paper: z_t − z_y, Adam 0.1, 200 steps, 20 restarts
-    cycling round-robin over the wrong classes ranked by clean margin (project decision 7)."""
-    return Attack("multi-targeted", O.TargetedMargin(), adam(), constant(0.1), LinfBall(eps, bounds),
+    cycling round-robin over the wrong classes ranked by clean margin (docs/algorithms.md)."""
+    return Attack("multi-targeted", O.TargetedMargin(), adam(), constant(0.1), _linf(threat),
                   200, 20, targets=RankedTargets())
 
 
-def fgsm20(eps: float, bounds=(0.0, 1.0)) -> Attack:
-    """FGSM-20: 20 sign steps of ε/10 on the margin from a random start (LLR F.1; project decision 9)."""
-    return Attack("fgsm-20", O.Margin(), sign(), constant(0.1, relative=True), LinfBall(eps, bounds), 20, 1)
+def fgsm20(threat: LinfBall) -> Attack:
+    """FGSM-20: 20 sign steps of ε/10 on the margin from a random start (LLR F.1)."""
+    return Attack("fgsm-20", O.Margin(), sign(), constant(0.1, relative=True), _linf(threat), 20, 1)
 
 
-def pgd(eps: float, steps: int = 50, bounds=(0.0, 1.0)) -> Attack:
+def pgd(threat: LinfBall, steps: int = 50) -> Attack:
     """PGD-k: Adam lr 0.1, k steps, margin, one restart — the paper's on-the-fly check (Table F2)."""
-    return Attack(f"pgd-{steps}", O.Margin(), adam(), constant(0.1), LinfBall(eps, bounds), steps, 1)
+    return Attack(f"pgd-{steps}", O.Margin(), adam(), constant(0.1), _linf(threat), steps, 1)
 
 
-def square(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def square(threat: LinfBall) -> Attack:
     """Square (Andriushchenko et al. 2020), L∞: 5,000 queries of score-based random search on the margin
     from the stripe initialisation, window area from p = 0.8 (:mod:`attacks.square`). No gradient, so
     gradient masking cannot fool it; queries = steps + 1 (the start is the first)."""
-    return Attack("square", O.Margin(), RandomSquares(), WindowSchedule(0.8), LinfBall(eps, bounds), 4999, 1,
+    return Attack("square", O.Margin(), RandomSquares(), WindowSchedule(0.8), _linf(threat), 4999, 1,
                   start=StripeStart())
 
 
-def local_linearity(eps: float, bounds=(0.0, 1.0), grad_mode: str = "deepmind") -> Attack:
-    """The γ(ε, x) search: maximise g(δ; x) with 50 Adam steps of size 0.1 (LLR F.4, ALGORITHMS §5)."""
-    return Attack("local-linearity", O.LinearityGap(grad_mode), adam(), constant(0.1), LinfBall(eps, bounds),
+def local_linearity(threat: LinfBall, grad_mode: str = "deepmind") -> Attack:
+    """The γ(ε, x) search: maximise g(δ; x) with 50 Adam steps of size 0.1 (LLR F.4; docs/algorithms.md,
+    "Local linearity")."""
+    return Attack("local-linearity", O.LinearityGap(grad_mode), adam(), constant(0.1), _linf(threat),
                   50, 1, tracking=Maximize())
 
 
-def apgd_ce(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def apgd_ce(threat: LinfBall) -> Attack:
     """APGD on the cross-entropy (Croce & Hein 2020): 100 steps from a uniform random start, step size
     2ε then APGD's rule (:class:`~attacks.optimizers.APGD`). The cheap first pass of ``standard``."""
-    return Attack("apgd-ce", O.CrossEntropy(), apgd(), constant(2.0, relative=True), LinfBall(eps, bounds),
+    return Attack("apgd-ce", O.CrossEntropy(), apgd(), constant(2.0, relative=True), _linf(threat),
                   100, 1)
 
 
-def apgd_dlr(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def apgd_dlr(threat: LinfBall) -> Attack:
     """APGD on the DLR loss (scale-invariant; margin fallback with fewer than 3 classes)."""
-    return Attack("apgd-dlr", O.DLR(), apgd(), constant(2.0, relative=True), LinfBall(eps, bounds), 100, 1)
+    return Attack("apgd-dlr", O.DLR(), apgd(), constant(2.0, relative=True), _linf(threat), 100, 1)
 
 
-def apgd_t(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def apgd_t(threat: LinfBall) -> Attack:
     """Targeted APGD on targeted DLR towards the 3 wrong classes nearest by linearised distance
     ``(z_y − z_t) / ‖∇(z_y − z_t)‖₁`` at the clean point (MALT's ranking), 100 steps each, on survivors
     only, each from an output-diversified start (:class:`~attacks.starts.DiverseStart`, 2 steps).
     AutoAttack's APGD-T attacks the 9 top-logit classes from uniform starts; the linearised ranking puts
     the class that breaks first far more often, so 3 suffice (measured in benchmarks/RESULTS.md)."""
-    return Attack("apgd-t", O.TargetedDLR(), apgd(), constant(2.0, relative=True), LinfBall(eps, bounds),
+    return Attack("apgd-t", O.TargetedDLR(), apgd(), constant(2.0, relative=True), _linf(threat),
                   100, 1, targets=RankedTargets(3, all=True, by="linearised"), start=DiverseStart(2))
 
 
-def apgd_dlr_odi(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def apgd_dlr_odi(threat: LinfBall) -> Attack:
     """APGD on DLR, 5 restarts of 100 steps from output-diversified starts (ODI), on survivors only: the
     diverse-restart round of ``standard`` (restarts from different faces of the ball find the optima
     that one start misses, which matters most at large ε)."""
-    return apgd_dlr(eps, bounds).replace(name="apgd-dlr-odi", restarts=5, start=DiverseStart(2))
+    return apgd_dlr(threat).replace(name="apgd-dlr-odi", restarts=5, start=DiverseStart(2))
 
 
-def apgd_ce_odi(eps: float, bounds=(0.0, 1.0)) -> Attack:
+def apgd_ce_odi(threat: LinfBall) -> Attack:
     """APGD on the cross-entropy, 5 restarts of 100 steps from output-diversified starts (ODI)."""
-    return apgd_ce(eps, bounds).replace(name="apgd-ce-odi", restarts=5, start=DiverseStart(2))
+    return apgd_ce(threat).replace(name="apgd-ce-odi", restarts=5, start=DiverseStart(2))
 
 
 Builder = Callable[..., Attack]
 
 
 class Registry(dict):
-    """Preset name → builder, every builder called the same way: ``PRESETS[name](eps, bounds=(0, 1))``.
+    """Preset name → builder, every builder called the same way: ``PRESETS[name](threat)``.
 
     Families are registered by pattern: ``pgd-K`` for any K ≥ 0 resolves on lookup (``PRESETS["pgd-7"]``,
     ``"pgd-7" in PRESETS``) to a builder of that K; :func:`names` lists them as ``pgd-K``.
@@ -153,8 +168,8 @@ class Registry(dict):
 
 
 def _pgd_family(steps: int) -> Builder:
-    def build(eps: float, bounds=(0.0, 1.0)) -> Attack:
-        return pgd(eps, steps, bounds)
+    def build(threat: LinfBall) -> Attack:
+        return pgd(threat, steps)
 
     build.__name__ = build.__qualname__ = f"pgd_{steps}"
     return build
@@ -200,21 +215,21 @@ def names() -> list[str]:
     return [*dict.keys(PRESETS), *PRESETS.families]
 
 
-def get(name: str, eps: float, *, steps: int | None = None, restarts: int | None = None,
+def get(name: str, eps, *, steps: int | None = None, restarts: int | None = None,
         step_size: float | None = None, relative_step: bool | None = None, objective=None,
         bounds=(0.0, 1.0), queries: int | None = None, **changes) -> Attack:
-    """Build preset ``name`` at radius ``eps`` and apply overrides.
+    """Build preset ``name`` for the threat ``eps`` and apply overrides.
 
+    ``eps``: a threat value (:class:`LinfBall`) or a radius (the L∞ ball of that radius in ``bounds``).
     ``step_size`` sets the first value of the schedule, keeping its shape (``relative_step=True``: in
     units of ε; for Square it is the initial window fraction ``p_init``). ``queries`` sets the forward
     passes per run of a search that evaluates its start (``steps = queries − 1``; Square's budget).
-    ``objective`` may be an objective or its name. Other keyword arguments replace
-    :class:`Attack` fields (``targets``, ``tracking``; or the flag spelling ``targets="ranked"``,
-    ``num_targets``, ``all_targets``, ``goal``, ``final_iterate``).
+    ``objective`` may be an objective or its name. Other keyword arguments replace :class:`Attack`
+    fields (``targets``, ``tracking``, ``start``, ...).
     """
     key = name.strip().lower().replace("_", "-")
     key = re.sub(r"^pgd(\d+)$", r"pgd-\1", _SPELLINGS.get(key, key))
-    attack = PRESETS[key](eps, bounds)
+    attack = PRESETS[key](threat_of(eps, bounds))
     if queries is not None:
         if int(queries) < 1:
             raise ValueError("queries must be ≥ 1")

@@ -74,6 +74,7 @@ class DiverseStart:
                 (grad,) = torch.autograd.grad((z * w).sum(), leaf, allow_unused=True)
             if grad is None:
                 break
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # as the engine's steps
             x0 = threat.project(x0 + threat.eps * grad.sign(), x, box)
         return x0.detach()
 

@@ -1,7 +1,7 @@
 """Target policies: which runs an attack makes and which class each run aims at.
 
 A policy is a small frozen value. :meth:`trials` lists the runs as ``(restart, slot)`` pairs, in run
-order (the run index seeds the random start, project decision 6); :meth:`assign` gives each example
+order (the run index seeds the random start, :mod:`attacks.seeding`); :meth:`assign` gives each example
 its target classes, one column per slot (``None``: untargeted). Restarts and targets only ever run on
 the survivors of the runs before them.
 """
@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Generator stream of the random target draw (far from any run index).
-TARGET_STREAM = 1 << 40
+from . import seeding
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,9 @@ class RandomTarget:
         return [(r, 0) for r in range(restarts)]
 
     def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
-        from .engine import generators
-
-        offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g))
-                             for g in generators(seed, ids.tolist(), TARGET_STREAM)], dtype=torch.long)
+        gens = seeding.generators(seed, ids.tolist(), seeding.TARGET)
+        offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g)) for g in gens],
+                            dtype=torch.long)
         return ((y + offs.to(y.device)) % num_classes)[:, None]
 
 

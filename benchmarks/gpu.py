@@ -30,6 +30,7 @@ import engine_overhead as eo  # noqa: E402
 import attacks  # noqa: E402
 from robusteval import runner  # noqa: E402
 from robusteval.data import load_dataset  # noqa: E402
+from robusteval.evaluation import Evaluation  # noqa: E402
 from robusteval.models import load_model  # noqa: E402
 
 
@@ -72,8 +73,9 @@ def main():
     for battery, precision in runs:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        df = runner.evaluate([("adv10", model)], battery, 0.1, ds, batch_size=1000, device=dev,
-                             progress=False, precision=precision)
+        df = runner.evaluate(Evaluation(models=(("adv10", model),), battery=tuple(battery), eps=(0.1,),
+                                        dataset=ds, batch_size=1000, device=dev, progress=False,
+                                        precision=precision)).records
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         say(f"| {'+'.join(battery)} | {precision} | robust {_robust(df):.2%} | {seconds:.1f} s |")

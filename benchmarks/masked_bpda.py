@@ -17,6 +17,7 @@ import torch
 
 from robusteval import runner
 from robusteval.data import load_dataset
+from robusteval.evaluation import Budget, Evaluation
 from robusteval.models import load_model
 
 
@@ -49,13 +50,15 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for bpda in (False, True):
         t0 = time.perf_counter()
-        df = runner.evaluate([load_model(path)], ["untargeted", "multi-targeted"], args.eps, ds,
-                             steps=args.steps, restarts=args.restarts, no_skip=True, bpda=bpda,
-                             progress=False, device="cpu")
+        outcome = runner.evaluate(Evaluation(
+            models=(load_model(path),), battery=("untargeted", "multi-targeted"), eps=(args.eps,), dataset=ds,
+            budget=Budget(steps=args.steps, restarts=args.restarts), no_skip=True, bpda=bpda, progress=False,
+            device="cpu"))
+        df = outcome.records
         seconds = time.perf_counter() - t0
         by = df.groupby("attack")["robust"].mean()
         worst = df.groupby("example_id")["robust"].all().mean()
-        found = ", ".join(sorted({a.alarm for a in df.attrs["alarms"]})) or "none"
+        found = ", ".join(sorted({a.check for a in outcome.alarms})) or "none"
         print(f"| {'--bpda' if bpda else 'plain'} | {by['untargeted']:.1%} | {by['multi-targeted']:.1%} | "
               f"{by['square']:.1%} | {worst:.1%} | {found} | {seconds:.0f} |", flush=True)
 

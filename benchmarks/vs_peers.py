@@ -35,6 +35,7 @@ import torch
 import attacks
 from robusteval import runner
 from robusteval.data import load_dataset
+from robusteval.evaluation import Budget, Evaluation
 from robusteval.models import load_model
 
 
@@ -86,12 +87,14 @@ def run_robusteval(model, ds, eps, battery, batch, device, name="model", restart
     """robusteval's battery, then the Square check on its survivors, through the runner (which verifies
     every point); returns per-example robust flags (worst case), seconds and the alarms raised."""
     t0 = time.perf_counter()
-    df = runner.evaluate([(name, model)], battery, eps, ds, batch_size=batch, device=device, progress=False,
-                         steps=steps, restarts=restarts)
+    outcome = runner.evaluate(Evaluation(models=((name, model),), battery=tuple(battery), eps=(eps,),
+                                         dataset=ds, batch_size=batch, device=device, progress=False,
+                                         budget=Budget(steps=steps, restarts=restarts)))
+    df = outcome.records
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
     robust = torch.tensor([bool(worst[int(i)]) for i in ds.ids.tolist()])
-    return robust, seconds, df.attrs["alarms"]
+    return robust, seconds, outcome.alarms
 
 
 def run_autoattack(model, x, y, eps, batch):
@@ -173,9 +176,9 @@ def main():
         model.reset()
         r_re, t_re, found = run_robusteval(model, ds, args.eps, battery, args.batch, str(device), spec, **kw)
         cost_re = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
-        names = ", ".join(sorted({a.alarm for a in found})) or "none"
+        names = ", ".join(sorted({a.check for a in found})) or "none"
         for a in found:
-            print(f"# alarm {spec}: {a.alarm} — {a.detail}", flush=True)
+            print(f"# alarm {spec}: {a.check} — {a.detail}", flush=True)
         if not args.no_autoattack:
             model.reset()
             r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch)

@@ -23,6 +23,7 @@ Also here: :func:`augment_crop_flip` (CIFAR training augmentation, ALGORITHMS.md
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -69,6 +70,27 @@ _HINTS = {
     "in one folder per class (DIR/val/n01440764/*.JPEG, ...)",
 }
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "imagenet", "npz")
+#: The usual L∞ radius per dataset, as written in papers (the LLR paper: 8/255 CIFAR-10, 4/255 ImageNet;
+#: 0.1 is the common Fashion-MNIST choice, 0.3 MNIST's); the default of every command and of training.
+DEFAULT_EPS = {"fashion-mnist": "0.1", "mnist": "0.3", "cifar10": "8/255", "cifar100": "8/255",
+               "svhn": "8/255", "imagenet": "4/255", "npz": "8/255"}
+
+
+def canonical_name(name: str) -> str:
+    """The dataset's canonical name: ``fmnist`` → ``fashion-mnist``, ``CIFAR-10`` → ``cifar10``."""
+    key = str(name).lower()
+    return _ALIASES.get(key, key)
+
+
+def default_eps_text(name: str) -> str:
+    """:data:`DEFAULT_EPS` of ``name`` as written (``8/255``); ``8/255`` for an unknown dataset."""
+    return DEFAULT_EPS.get(canonical_name(name), "8/255")
+
+
+def default_eps(name: str) -> float:
+    """:func:`default_eps_text` as a number in [0, 1] pixel units."""
+    num, _, den = default_eps_text(name).partition("/")
+    return float(num) / float(den or 1)
 
 
 class LazyImages:
@@ -146,6 +168,23 @@ class Dataset:
         images = self.images.subset(index) if isinstance(self.images, LazyImages) else self.images[index]
         return replace(self, images=images, labels=self.labels[index], ids=self.ids[index])
 
+    def fingerprints(self, batch_size: int = 512) -> list[str]:
+        """:func:`example_digest` of every example, in dataset order."""
+        out = []
+        for x, y, _ in self.batches(batch_size):
+            out += [example_digest(xi.numpy(), int(yi)) for xi, yi in zip(x, y, strict=True)]
+        return out
+
+    def shard(self, index: int, count: int) -> Dataset:
+        """Shard ``index`` of ``count``: the examples at positions ``index, index + count, ...``.
+
+        Interleaved rather than contiguous, so every shard (torchrun rank, ``shard`` job) gets a like share
+        of easy and hard examples; the union of the shards is the whole set, in no other order."""
+        if count > len(self):
+            raise UserError(f"{count} shards (or processes) but only {len(self)} examples: use at most "
+                            f"{len(self)}")
+        return self.subset(torch.arange(index, len(self), count))
+
     def batches(
         self,
         batch_size: int,
@@ -155,6 +194,15 @@ class Dataset:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(images, labels, ids)`` batches; see :func:`iterate_batches`."""
         return iterate_batches(self.images, self.labels, self.ids, batch_size, shuffle, generator, drop_last)
+
+
+def example_digest(image, label: int) -> str:
+    """A short fingerprint of one example: SHA-256 of its float32 pixels, shape and label (16 hex
+    digits). Records carry it, so two runs agree on an example only if they saw the same image."""
+    pixels = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
+    h = hashlib.sha256(pixels.tobytes())
+    h.update(str(pixels.shape).encode() + b"|" + str(int(label)).encode())
+    return h.hexdigest()[:16]
 
 
 def iterate_batches(
@@ -385,7 +433,7 @@ def load_dataset(
     the file is ``data_dir``). See the module docstring for the search order; missing data is a
     :class:`UserError` that names every path tried and how to get the data.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = canonical_name(name)
     if key.startswith("npz:") or key.endswith(".npz"):
         return load_npz(name[4:] if key.startswith("npz:") else name, n=n, offset=offset)
     if key == "npz":

@@ -16,6 +16,7 @@ rank loses nothing: rerunning the same command resumes every shard from its file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -58,6 +59,31 @@ def from_env() -> Context | None:
     except (KeyError, ValueError):
         raise UserError("WORLD_SIZE is set but RANK/LOCAL_RANK are not integers: launch with torchrun"
                         ) from None
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group this process is in; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def session(device: str):
+    """The torchrun session of a command: ``(context, device)`` — ``(None, device)`` outside torchrun.
+
+    Under torchrun this joins the process group (:func:`start`), gives this rank's device, and leaves the
+    group when the block ends, however it ends."""
+    ctx = from_env()
+    if ctx is None:
+        yield None, device
+        return
+    try:
+        yield ctx, start(ctx, device)
+    finally:
+        stop()
 
 
 def start(ctx: Context, device: str) -> str:

@@ -305,6 +305,8 @@ def loss_surface(
         raise ValueError(f"grid must be an odd number ≥ 3 (so the centre is a grid point), got {grid}")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be positive for a loss surface, got {eps!r}")
+    if not (extent > 0 and math.isfinite(extent)):
+        raise ValueError(f"extent must be a positive finite number (units of ε), got {extent!r}")
     loss_fn = loss_fn or cross_entropy
     device = device_of(model)
     x = x.detach().to(device, torch.float32).reshape(1, *x.shape[-3:])
@@ -336,19 +338,21 @@ def loss_surface(
 def gamma_records(model, name: str, sha256: str, ds, eps: float, eps_text: str | None = None, *,
                   batch_size: int = 100, steps: int = 50, step_size: float = 0.1, relative_step: bool = False,
                   restarts: int = 1, bn: str = "eval", grad_mode: str = "deepmind", seed: int = 0,
-                  step_size_text: str | None = None, on_batch=None) -> list[dict]:
+                  step_size_text: str | None = None, on_batch=None, emit=None) -> list[dict]:
     """γ(ε, x) of ``model`` on every example of the dataset ``ds``, as γ records (:data:`records.GAMMA`).
 
-    Batches of ``batch_size``; ``on_batch(n)`` after each. A model that returns NaN or inf anywhere in
-    the search is a :class:`UserError` naming it and the first example (γ of a NaN is not 0).
+    Batches of ``batch_size``; after each, ``emit(rows)`` (to append them to a file) and
+    ``on_batch(n)``. A model that returns NaN or inf anywhere in the search is a :class:`UserError`
+    naming it and the first example (γ of a NaN is not 0).
     """
-    from robusteval import records
+    from robusteval.data import example_digest
     from robusteval.errors import UserError
 
     rows: list[dict] = []
     text = eps_text if eps_text is not None else repr(float(eps))
     num = lambda t: t.detach().cpu().double().tolist()
     for x, y, ids in ds.batches(batch_size):
+        first = len(rows)
         try:
             r = gamma(model, x, y, eps, steps=steps, step_size=step_size, relative_step=relative_step,
                       restarts=restarts, bn=bn, grad_mode=grad_mode, seed=seed, ids=ids)
@@ -365,13 +369,15 @@ def gamma_records(model, name: str, sha256: str, ds, eps: float, eps_text: str |
         for i, (xi, yi, idi) in enumerate(zip(x, y.tolist(), ids.tolist(), strict=True)):
             rows.append({
                 "model": name, "checkpoint_sha256": sha256, "dataset": ds.name, "example_id": int(idi),
-                "label": int(yi), "example_sha": records.example_digest(xi.numpy(), yi),
+                "label": int(yi), "example_sha": example_digest(xi.numpy(), yi),
                 "clean_pred": int(pred[i]), "clean_correct": pred[i] == yi, "eps": float(eps),
                 "eps_text": text,
                 **{k: v[i] for k, v in values.items()}, "steps": steps,
                 "step_size": step_size_text if step_size_text is not None else repr(step_size),
                 "restarts": restarts, "bn": bn, "grad_mode": grad_mode, "seed": seed,
             })  # fmt: skip
+        if emit is not None:
+            emit(rows[first:])
         if on_batch is not None:
             on_batch(len(y))
         del r

@@ -27,3 +27,36 @@ def output_dir(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to output directory {path} (permission denied)")
     return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` through a temp file in the same directory, fsync, then ``os.replace``.
+
+    A reader (or a later run) sees the old file or the new one, never half a file: what an interrupted
+    or failed write (kill, full disk) leaves behind is the previous version. ``write(f)`` gets the temp
+    file opened in binary mode; ``str``/``bytes`` content may be given instead of a function.
+    """
+    import tempfile
+
+    path = Path(path)
+    if isinstance(write, str):
+        data = write.encode("utf-8")
+        write = lambda f: f.write(data)
+    elif isinstance(write, bytes):
+        data = write
+        write = lambda f: f.write(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,9 +1,10 @@
-"""Progress on stderr: a rich bar on a terminal, plain periodic lines in a log file.
+"""Progress on stderr: a rich bar on a terminal, plain periodic lines in a log file, nothing when off.
 
 A rich bar redrawn in a file that is not a terminal is cut to ``500/…`` and ``ETA 0:00:…``; there,
 :class:`PlainProgress` prints one complete line per task every :data:`INTERVAL` seconds and when the
-task finishes. :func:`make` picks one; both offer the subset of :class:`rich.progress.Progress` that
-robusteval uses (``add_task``, ``update``, ``advance``, ``remove_task``, context manager).
+task finishes. :func:`bar` is the one constructor every command and the runner use; both kinds offer
+the subset of :class:`rich.progress.Progress` that robusteval uses (``add_task``, ``update``,
+``advance``, ``remove_task``, context manager).
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ class _Task:
 class PlainProgress:
     """Periodic one-line progress reports on a stream (stderr by default)."""
 
-    def __init__(self, stream=None, interval: float = INTERVAL, line=None):
+    def __init__(self, stream=None, interval: float = INTERVAL):
         self.stream = stream or sys.stderr
         self.interval = interval
-        self.line = line  # optional (task) -> str for the fields part
         self.tasks: dict[int, _Task] = {}
 
     def __enter__(self):
@@ -46,12 +46,6 @@ class PlainProgress:
 
     def __exit__(self, *exc):
         return False
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
         key = len(self.tasks)
@@ -97,13 +91,26 @@ class PlainProgress:
         print("  ".join(parts), file=self.stream, flush=True)
 
 
-def make(*columns, console=None, transient: bool = False, disable: bool = False):
-    """A rich :class:`~rich.progress.Progress` with ``columns`` on a terminal, else :class:`PlainProgress`."""
+def bar(enabled: bool = True, *, robust: bool = False, info: bool = False, transient: bool = False):
+    """Progress on stderr: description, bar, done/total, elapsed, ETA, and the task's ``robust`` share so
+    far (``robust=True``, the runner) or free ``info`` text (``info=True``, training). A rich bar on a
+    terminal, :class:`PlainProgress` lines otherwise, nothing when not ``enabled``."""
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    console = console or Console(stderr=True)
-    if disable:
+    console = Console(stderr=True, highlight=False)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn("robust {task.fields[robust]}")] if robust else []
+    columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    columns += [TextColumn("{task.fields[info]}")] if info else []
+    if not enabled:
         return Progress(*columns, console=console, disable=True)
     if not console.is_terminal:
         return PlainProgress(stream=console.file)

@@ -1,4 +1,4 @@
-"""The per-example record: the one result format (ARCHITECTURE.md principle 7), defined in one place.
+"""The per-example record: the one result format (docs/records.md), defined in one place.
 
 One row per model × attack × ε × example. Every table, worst case and figure is a group-by over these
 rows (:mod:`robusteval.reports`), so a report can be redrawn without rerunning anything.
@@ -8,10 +8,11 @@ Columns (:data:`COLUMNS`)
 identity   ``model`` (display name), ``checkpoint_sha256``, ``train_method`` / ``train_steps`` (from the
            checkpoint's training metadata when present — the "PGD steps" column of the LLR paper's
            Table F4), ``dataset``, ``example_id`` (index in the official split), ``label``,
-           ``example_sha`` (fingerprint of the example's pixels and label, :func:`example_digest`: two
-           runs agree on an example only if they saw the same image)
+           ``example_sha`` (fingerprint of the example's pixels and label,
+           :func:`robusteval.data.example_digest`: two runs agree on an example only if they saw the same
+           image)
 attack     ``attack`` (preset name), ``attack_config`` (the frozen :class:`attacks.Attack`'s field
-           list, ARCHITECTURE.md principle 5), ``eps`` ([0, 1] pixel units), ``seed``, ``mode``
+           list, :meth:`attacks.Attack.config`), ``eps`` ([0, 1] pixel units), ``seed``, ``mode``
            (``skip``: battery on survivors; ``no-skip``: every attack on every clean-correct example)
 outcome    ``status``: ``attacked``; ``clean-wrong`` (misclassified clean, never attacked, x_adv = x);
            ``skipped`` (skip mode: already broken by an earlier attack of the battery for this model and
@@ -27,8 +28,11 @@ details    ``margin`` (max_{j≠y} z_j − z_y at the verified point), ``objecti
 Files are appended one batch at a time (header once, flush + fsync per append), so a killed run loses
 at most the batch in flight, and rows already on disk (same :data:`KEY`) are skipped by a rerun.
 
-Readers never write. :func:`read` validates the header, every field's type and the consistency of the
-files it is given (:func:`check_compatible`), and names the file and line of the first problem in one
+Readers never write. :func:`read` validates the header, every field's type, each row's internal
+consistency (a robust row is clean-correct, attacked and re-classified as its label; a clean-wrong or
+skipped row is never robust; the distance is inside the radius), the records against their run's plan
+(:func:`robusteval.plan.check_records`) and the consistency of the files it is given
+(:func:`check_compatible`), and names the file and line of the first problem in one
 :class:`~robusteval.errors.UserError`. A torn last line (a run killed mid-write) is ignored by readers and
 cut only by :func:`append`, after the header proved the file is a records file.
 """
@@ -36,11 +40,9 @@ cut only by :func:`append`, after the header proved the file is a records file.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from robusteval import plan as plans
+from robusteval import rundir
 from robusteval.errors import UserError
 from robusteval.paths import output_dir
 
@@ -68,9 +72,9 @@ NULLABLE_FLOATS = ("margin", "objective", "linf")  # NaN for rows that were not 
 STATUSES = ("attacked", "clean-wrong", "skipped")
 #: ``+bf16``/``+fp16``: the attack's passes ran under autocast (points still verified in fp32).
 MODES = ("skip", "no-skip", "skip+bf16", "no-skip+bf16", "skip+fp16", "no-skip+fp16")
-#: Columns added after the first release: a file without them still reads (they are left empty).
-ADDED_COLUMNS = ("example_sha",)
-FILENAME = "records.csv"
+FILENAME = rundir.filename(rundir.RECORDS)
+#: Slack of the distance check on read, as in verification (float32 rounding of x + δ).
+TOLERANCE = 1e-6
 
 #: The columns that identify a record; a rerun skips rows whose key is already on disk.
 KEY = ("model", "attack", "eps", "example_id")
@@ -92,12 +96,11 @@ class Schema:
     nullable_ints: tuple[str, ...] = ()
     nullable_floats: tuple[str, ...] = ()
     choices: dict = field(default_factory=dict)  # column -> allowed values
-    added: tuple[str, ...] = ()  # columns a file written by an earlier version may lack (left empty)
 
 
 #: Attack records (``records.csv``), one row per model × attack × ε × example.
 RECORDS = Schema("records", COLUMNS, STRINGS, INTS, FLOATS, BOOLS, NULLABLE_INTS, NULLABLE_FLOATS,
-                 {"status": STATUSES, "mode": MODES}, ADDED_COLUMNS)
+                 {"status": STATUSES, "mode": MODES})
 #: γ records (``gamma.csv``), one row per model × example: the same identity and prediction columns as
 #: attack records, ε exactly (full precision) and as the user wrote it (``eps_text``), then γ's fields.
 GAMMA_COLUMNS: tuple[str, ...] = (
@@ -112,20 +115,12 @@ GAMMA = Schema(
     ints=("example_id", "label", "clean_pred", "steps", "restarts", "seed"),
     floats=("eps", "gamma", "sqrt_gamma", "lin_abs", "loss", "loss_adv"), bools=("clean_correct",),
 )  # fmt: skip
-GAMMA_FILENAME = "gamma.csv"
-
-
-def eps_key(eps: float) -> float:
-    """ε as used in keys: rounded so that CSV round-trips and 8/255 typed two ways compare equal."""
-    return round(float(eps), 12)
-
-
-def example_digest(image, label: int) -> str:
-    """A short fingerprint of one example: SHA-256 of its float32 pixels and its label (16 hex digits)."""
-    pixels = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
-    h = hashlib.sha256(pixels.tobytes())
-    h.update(str(pixels.shape).encode() + b"|" + str(int(label)).encode())
-    return h.hexdigest()[:16]
+GAMMA_FILENAME = rundir.filename(rundir.GAMMA)
+#: The columns that identify a γ record, and what must agree for a rerun to resume into it.
+GAMMA_KEY = ("model", "example_id")
+GAMMA_RUN_FIELDS = ("checkpoint_sha256", "dataset", "eps", "steps", "step_size", "restarts", "bn",
+                    "grad_mode", "seed")
+eps_key = plans.eps_key
 
 
 def _cell(value) -> str:
@@ -136,7 +131,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _write_rows(f, rows: Iterable[dict], schema: Schema, header: bool) -> None:
+def write_rows(f, rows: Iterable[dict], schema: Schema, header: bool = True) -> None:
     """CSV rows of ``schema`` (its header first if ``header``); floats exact; a missing column is an error."""
     writer = csv.writer(f)
     if header:
@@ -158,10 +153,10 @@ def _header(path: Path) -> tuple[str, ...] | None:
         return None
 
 
-def check_appendable(path: str | os.PathLike) -> None:
-    """Raise a :class:`UserError` unless records can be appended at ``path`` (before any work is done).
+def check_appendable(path: str | os.PathLike, schema: Schema = RECORDS) -> None:
+    """Raise a :class:`UserError` unless ``schema`` rows can be appended at ``path`` (before any work).
 
-    The directory must be creatable and writable; an existing file must be a records file of this
+    The directory must be creatable and writable; an existing file must be a file of this schema and
     version (its header) and writable.
     """
     path = Path(path)
@@ -169,14 +164,14 @@ def check_appendable(path: str | os.PathLike) -> None:
     if path.exists():
         if not path.is_file():
             raise UserError(f"{path} exists and is not a file")
-        if path.stat().st_size and _header(path) != COLUMNS:
-            raise UserError(f"{path} is not a records file of this robusteval version (its header differs); "
-                            "write to a fresh output directory")
+        if path.stat().st_size and _header(path) != schema.columns:
+            raise UserError(f"{path} is not a {schema.kind} file of this robusteval version (its header "
+                            "differs); write to a fresh output directory")
         if not os.access(path, os.W_OK):
             raise UserError(f"cannot write to {path} (permission denied)")
 
 
-def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+def append(path: str | os.PathLike, rows: Iterable[dict], schema: Schema = RECORDS) -> int:
     """Append ``rows`` to the CSV at ``path`` (header written once), flush and fsync; return the count.
 
     Only a file whose header is this schema's is appended to; its partial last line, left by a process
@@ -186,12 +181,12 @@ def append(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     if not rows:
         return 0
     path = Path(path)
-    check_appendable(path)
+    check_appendable(path, schema)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         _repair_tail(path)
     with open(path, "a", newline="") as f:
-        _write_rows(f, rows, RECORDS, header=new)
+        write_rows(f, rows, schema, header=new)
         f.flush()
         os.fsync(f.fileno())
     return len(rows)
@@ -276,7 +271,32 @@ def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = 
     for c in schema.bools:
         first_bad(~raw[c].isin(_TRUE + _FALSE), c, "True or False")
         out[c] = raw[c].isin(_TRUE)
+    if schema is RECORDS:
+        _check_rows(out, lines, path)
     return out[list(schema.columns)]
+
+
+def _check_rows(df: pd.DataFrame, lines: list[int], path: Path) -> None:
+    """Each record must be internally consistent: a number can only be inflated by a row that says
+    ``robust`` for an example that was misclassified, skipped, or re-classified as another class."""
+    attacked, wrong, skipped = (df["status"] == s for s in STATUSES)
+    rules = [
+        (df["clean_correct"] != (df["clean_pred"] == df["label"]), "clean_correct disagrees with clean_pred "
+                                                                    "and label"),
+        (wrong & (df["clean_correct"] | df["robust"] | df["success"]), "a clean-wrong row is clean-correct, "
+                                                                        "robust or a success"),
+        (skipped & (~df["clean_correct"] | df["robust"] | df["success"]),
+         "a skipped row is not clean-correct, or is robust or a success"),
+        (attacked & ~df["clean_correct"], "an attacked row is not clean-correct"),
+        (attacked & (df["robust"] != (df["adv_pred"] == df["label"])), "robust disagrees with adv_pred and "
+                                                                        "label"),
+        (attacked & (df["success"] == df["robust"]), "success and robust agree (one negates the other)"),
+        (attacked & ~(df["linf"] <= df["eps"] + TOLERANCE), "the point is outside the ε-ball (linf > eps)"),
+    ]
+    for mask, why in rules:
+        mask = np.asarray(mask, dtype=bool)
+        if bool(mask.any()):
+            raise _bad(path, lines[int(np.flatnonzero(mask)[0])], f"inconsistent record: {why}")
 
 
 def _read_one(path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
@@ -295,8 +315,7 @@ def _read_one(path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
         header = next(rows, None)
     except csv.Error as exc:
         raise UserError(f"{path} is not a robusteval {schema.kind} file ({exc})") from None
-    columns = [c for c in schema.columns if c not in schema.added]
-    if header is None or not set(columns) <= set(header) or len(set(header)) != len(header):
+    if header is None or tuple(header) != schema.columns:
         raise UserError(f"{path} is not a robusteval {schema.kind} file (its first line is not the "
                         f"{schema.kind} header)")
     torn = not text.endswith("\n")
@@ -318,9 +337,6 @@ def _read_one(path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
             raise _bad(path, rows.line_num, str(exc)) from None
         dropped = True  # an unterminated quote in the partial last line
     raw = pd.DataFrame(body, columns=header, dtype=str) if body else pd.DataFrame(columns=header, dtype=str)
-    for c in schema.added:
-        if c not in raw.columns:
-            raw[c] = ""
     if torn and body and lines[-1] == last_line:
         try:  # a last line without its newline: keep it only if it is a complete, valid row
             _validate(raw.iloc[-1:], lines[-1:], path, schema)
@@ -386,68 +402,38 @@ def _disambiguate(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-SHARD_PATTERN = re.compile(r"records\.shard-(\d+)-of-(\d+)\.csv")
-
-
-def shard_filename(index: int, count: int, stem: str = "records") -> str:
-    """The file of shard ``index`` of ``count`` (0-based): ``records.shard-I-of-N.csv`` (``gamma.…``)."""
-    return f"{stem}.shard-{index}-of-{count}.csv"
-
-
-def check_split(directory: Path, shard: tuple[int, int] | None) -> None:
-    """Refuse to mix a split and an unsplit run (or two splits) in one output directory: resuming reads
-    only this process's file, so the other files' examples would be evaluated again and merge twice."""
-    counts = {int(m.group(2)) for p in directory.glob("records.shard-*-of-*.csv")
-              if (m := SHARD_PATTERN.fullmatch(p.name))}
-    if shard is None and counts:
-        raise UserError(f"{directory} holds the records of a run split into {max(counts)} shards; finish it "
-                        "with `shard` (or torchrun) or use another output directory")
-    if shard is not None and ((directory / FILENAME).is_file() or counts - {shard[1]}):
-        raise UserError(f"{directory} already holds the records of a run not split into {shard[1]} shards; "
-                        "use another output directory")
-
-
 def files_in(directory: Path) -> list[Path]:
-    """The records files of a run directory: ``records.csv`` and every shard file. A shard set must be
-    complete (shards 0..N−1 of one N): a missing shard is named, never silently absent."""
-    shards = {}
-    for p in sorted(directory.glob("records.shard-*-of-*.csv")):
-        m = SHARD_PATTERN.fullmatch(p.name)
-        if m:
-            shards.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    if len(shards) > 1:
-        splits = ", ".join(f"of {n}" for n in sorted(shards))
-        raise UserError(f"{directory} holds shards of different splits ({splits}); use one output directory "
-                        "per split")
-    files = [directory / FILENAME] if (directory / FILENAME).is_file() else []
-    for count, have in shards.items():
-        missing = sorted(set(range(count)) - have)
-        if missing:
-            names = ", ".join(f"{i}/{count} ({shard_filename(i, count)})" for i in missing)
-            raise UserError(f"{directory}: shard(s) {names} missing; run them (`shard` I/N) before reporting")
-        files += [directory / shard_filename(i, count) for i in range(count)]
-    return files or [directory / FILENAME]
+    """The records files of a run directory: ``records.csv`` or every shard's (a shard set must be
+    complete, :func:`robusteval.rundir.files`); a directory without records means its ``records.csv``."""
+    return rundir.files(Path(directory), rundir.RECORDS) or [Path(directory) / FILENAME]
 
 
 def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge_runs: bool = False) -> pd.DataFrame:
     """Read one or more record files (a directory means its ``records.csv`` and its shard files,
     :func:`files_in`) into one frame.
 
-    Never writes. Every file is validated (header, field types; the first problem names the file and
-    line); rows repeated exactly (the same file given twice) are kept once; different checkpoints with
-    the same display name are kept apart (``name [sha prefix]``); records that would mix different runs
-    are refused unless ``merge_runs`` (see :func:`check_compatible`).
+    Never writes. Every file is validated (header, field types, row consistency; the first problem names
+    the file and line), and so are the records of a run directory against its plan (records that are
+    not in the plan, or shards of different plans, are refused: :mod:`robusteval.plan`); rows repeated
+    exactly (the same file given twice) are kept once; different checkpoints with the same display name
+    are kept apart (``name [sha prefix]``); records that would mix different runs are refused unless
+    ``merge_runs`` (see :func:`check_compatible`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     frames, seen = [], set()
     for given in paths:
         given = Path(given).expanduser()
+        read_here = []
         for p in files_in(given) if given.is_dir() else [given]:
             if p.resolve() in seen:
                 continue
             seen.add(p.resolve())
-            frames.append(_read_one(p))
+            read_here.append(_read_one(p))
+        if read_here:
+            here = pd.concat(read_here, ignore_index=True)
+            plans.check_records(plans.plans_for(given), here, str(given))
+            frames.append(here)
     if not frames:
         return empty()
     df = pd.concat(frames, ignore_index=True)
@@ -455,16 +441,6 @@ def read(paths: str | os.PathLike | Sequence[str | os.PathLike], merge_runs: boo
     df = _disambiguate(df)
     check_compatible(df, merge_runs=merge_runs)
     return df.drop(columns=["_file", "_line"]).reset_index(drop=True)
-
-
-def write_gamma(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Write γ records (:data:`GAMMA`) to ``path`` in one go: header, then rows, floats exact (``repr``)."""
-    path = Path(path)
-    output_dir(path.parent)
-    buf = io.StringIO()
-    _write_rows(buf, rows, GAMMA, header=True)
-    path.write_text(buf.getvalue(), encoding="utf-8")
-    return path
 
 
 def read_gamma(path: str | os.PathLike) -> pd.DataFrame:
@@ -475,7 +451,9 @@ def read_gamma(path: str | os.PathLike) -> pd.DataFrame:
     return _read_one(path, GAMMA).drop(columns=["_file", "_line"])
 
 
-def read_if_exists(path: str | os.PathLike) -> pd.DataFrame:
-    """:func:`read` for a file that may not exist yet (an empty frame then)."""
+def read_if_exists(path: str | os.PathLike, schema: Schema = RECORDS) -> pd.DataFrame:
+    """The rows of one file of ``schema`` that may not exist yet (an empty frame then)."""
     path = Path(path)
-    return read(path) if path.is_file() and path.stat().st_size > 0 else empty()
+    if path.is_file() and path.stat().st_size > 0:
+        return _read_one(path, schema).drop(columns=["_file", "_line"])
+    return empty() if schema is RECORDS else pd.DataFrame({c: [] for c in schema.columns})

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from robusteval.errors import UserError
+from robusteval.plan import eps_key
 
 UNIT = ("model", "dataset", "eps", "example_id")
 NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
@@ -94,38 +95,105 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
     return table.reset_index()
 
 
-ALARMS = "Alarms"
+ALARMS, STATUS = "Alarms", "Status"
 
 
-def mark_alarms(table: pd.DataFrame, df: pd.DataFrame, alarms) -> pd.DataFrame:
-    """Add an ``Alarms`` column: per row, the names of the masking alarms of its model(s), or ``none``.
-
-    Alarms (:class:`robusteval.alarms.Alarm`) are matched to rows by checkpoint hash, so a row keeps its
-    alarms whatever its display name; a table without a ``model`` key gets the alarms of every model in
-    the row's records.
-    """
-    names_by_sha: dict[str, set] = {}
-    for a in alarms:
-        names_by_sha.setdefault(a.checkpoint_sha256, set()).add(a.alarm)
+def _rows_of(table: pd.DataFrame, df: pd.DataFrame):
+    """For each row of a :func:`summarize` table, the records it was computed from."""
     keys = [c for c in row_keys(table) if c in df.columns]
-    out = table.copy()
-    cells = []
     for row in table[keys].itertuples(index=False, name=None):
         sub = df
         for k, v in zip(keys, row, strict=True):
             sub = sub[sub[k].astype(str) == str(v)] if k != "eps" else sub[sub[k].map(float) == float(v)]
-        found = set().union(*(names_by_sha.get(sha, set()) for sha in sub["checkpoint_sha256"].unique()))
+        yield sub
+
+
+def _same_model(verdict_model: str, record_model: str) -> bool:
+    # a display name made unique by the reader ("name [sha prefix]") still belongs to its verdicts
+    return record_model == verdict_model or record_model.startswith(verdict_model + " [")
+
+
+def mark_alarms(table: pd.DataFrame, df: pd.DataFrame, verdicts) -> pd.DataFrame:
+    """Add an ``Alarms`` column: per row, the checks that raised an alarm for its model(s) at its ε, or
+    ``none``. Verdicts are matched to records by checkpoint hash and model name, so a row keeps its
+    alarms whatever its display name; a table without a ``model`` or ``eps`` key gets the alarms of
+    every model and radius in the row's records."""
+    raised = [v for v in verdicts if v.raised]
+    cells = []
+    for sub in _rows_of(table, df):
+        pairs = set(zip(sub["checkpoint_sha256"], sub["model"], sub["eps"].map(eps_key), strict=True))
+        found = {v.check for v in raised for sha, model, e in pairs
+                 if v.checkpoint_sha256 == sha and _same_model(v.model, model) and eps_key(v.eps) == e}
         cells.append(", ".join(sorted(found)) if found else "none")
+    out = table.copy()
     out[ALARMS] = cells
+    return out
+
+
+def mark_status(table: pd.DataFrame, df: pd.DataFrame, gaps, planned=None) -> pd.DataFrame:
+    """Add a ``Status`` column from the plan's gaps (:func:`robusteval.plan.coverage`): ``complete``, or
+    ``incomplete`` with what is missing (an incomplete row's worst case is not a number: ``–``), or
+    ``no plan`` for records whose (model, ε) no plan covers (``planned``: the planned pairs)."""
+    out, cells = table.copy(), []
+    for i, sub in enumerate(_rows_of(table, df)):
+        pairs = set(zip(sub["model"], sub["eps"].map(eps_key), strict=True))
+        mine = [g for g in gaps for model, e in pairs if _same_model(g.model, model) and eps_key(g.eps) == e]
+        known = planned is None or all(any(_same_model(m, model) and k == e for m, k in planned)
+                                       for model, e in pairs)
+        if not known:
+            cells.append("no plan")
+        elif mine:
+            what = sorted({g.what for g in mine})
+            cells.append("incomplete: " + ", ".join(what))
+            if WORST in out.columns:
+                out.loc[out.index[i], WORST] = float("nan")
+        else:
+            cells.append("complete")
+    out[STATUS] = cells
     return out
 
 
 def alarm_note(alarms) -> str | None:
     """One line per alarm: which model is unreliable, what was measured, and the remedy."""
-    if not alarms:
+    raised = [a for a in alarms or [] if a.raised]
+    if not raised:
         return None
-    lines = [f"UNRELIABLE {a.model}: {a.alarm} — {a.detail}. Remedy: {a.remedy}." for a in alarms]
+    seen, lines = set(), []
+    for a in raised:
+        if (a.model, a.check, a.detail) not in seen:
+            seen.add((a.model, a.check, a.detail))
+            lines.append(f"UNRELIABLE {a.model}: {a.check} — {a.detail}. Remedy: {a.remedy}.")
     return "\n".join(lines)
+
+
+def gap_note(gaps, limit: int = 8) -> str | None:
+    """One line per missing part of the plan (at most ``limit``), and what to do about it."""
+    if not gaps:
+        return None
+    lines = [f"INCOMPLETE {g}" for g in gaps[:limit]]
+    if len(gaps) > limit:
+        lines.append(f"INCOMPLETE … and {len(gaps) - limit} more")
+    lines.append("The run was interrupted or is still going: rerun the same command (same --out) to finish "
+                 "it; its numbers are not final.")
+    return "\n".join(lines)
+
+
+def run_table(view, rows=("model",), columns: str = "attack") -> tuple[pd.DataFrame, str | None]:
+    """The table of a run view (:class:`robusteval.runs.View`) with its Alarms and Status columns, and
+    the note under it: how columns were computed, every alarm with its remedy, what is missing."""
+    df = view.records
+    table = summarize(df, rows=rows, columns=columns)
+    if view.verdicts is not None:
+        table = mark_alarms(table, df, view.verdicts)
+    table = mark_status(table, df, view.gaps, view.planned)
+    if ALARMS in table.columns:  # no alarm *yet*: the checks of the row have not all given a verdict
+        pending = table[STATUS].str.contains("checks") & (table[ALARMS] == "none")
+        table.loc[pending, ALARMS] = "pending"
+    unplanned = (f"no plan beside the records of {', '.join(map(str, view.unplanned))}: their completeness "
+                 "cannot be checked" if view.unplanned else None)
+    note = "\n".join(filter(None, [mode_note(df) if columns == "attack" else None, alarm_note(view.verdicts),
+                                   gap_note(view.gaps), unplanned]))
+    return table, note or None
 
 
 def mode_note(df: pd.DataFrame) -> str:
@@ -246,9 +314,10 @@ def save_summary(table: pd.DataFrame, out, note: str | None = None, title: str |
     """Write ``summary.csv`` and ``summary.md`` into directory ``out``; return their paths."""
     from pathlib import Path
 
+    from robusteval.paths import atomic_write
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / "summary.csv", out / "summary.md"]
-    paths[0].write_text(render(table, "csv"))
-    paths[1].write_text(render(table, "markdown", note=note, title=title))
+    atomic_write(paths[0], render(table, "csv"))
+    atomic_write(paths[1], render(table, "markdown", note=note, title=title))
     return paths

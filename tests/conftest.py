@@ -70,7 +70,7 @@ def tiny_ckpt(tmp_path_factory):
         opt.step()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, model.eval(), "small_cnn", TINY_ARCH_KWARGS, dataset="fashion-mnist",
-                    training={"method": "adversarial", "inner_steps": 2, "eps": 0.1})
+                    training={"method": "adversarial", "steps": 2, "eps": 0.1})
     return path
 
 
@@ -94,3 +94,17 @@ def nan_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("nan") / "nan.pt"
     save_checkpoint(path, model, "small_cnn", TINY_ARCH_KWARGS, dataset="fashion-mnist")
     return path
+
+
+def run_eval(models, battery, eps, data, *, steps=None, restarts=None, queries=None, **kw):
+    """:func:`robusteval.runner.evaluate` of an :class:`Evaluation` built from keywords (budget keys
+    ``steps``/``restarts``/``queries`` go into its :class:`Budget`); returns the :class:`Outcome`."""
+    from robusteval import runner
+    from robusteval.evaluation import Budget, Evaluation
+
+    kw.setdefault("progress", False)
+    eps = tuple(eps) if isinstance(eps, (list, tuple)) else (eps,)
+    battery = tuple(battery) if isinstance(battery, (list, tuple)) else (battery,)
+    ev = Evaluation(models=tuple(models), battery=battery, eps=eps, dataset=data,
+                    budget=Budget(steps=steps, restarts=restarts, queries=queries), **kw)
+    return runner.evaluate(ev)

@@ -1,15 +1,15 @@
-"""Masking alarms (issue 10): each fires on a model built to trip it, none fires on the bundled zoo, and
-an alarm marks the number unreliable in the table, summary.md and every report, with its own exit status."""
+"""Masking alarms: each fires on a model built to trip it, none fires on the bundled zoo, and an alarm
+marks the number unreliable in the table, summary.md and every report, with its own exit status."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import QuantisedInput
+from conftest import QuantisedInput, run_eval
 from torch import nn
 
-from robusteval import alarms, runner
+from robusteval import alarms
 from robusteval.cli import cli
 from robusteval.data import load_npz
 from robusteval.models import list_zoo, load_model
@@ -55,8 +55,7 @@ def net(tiny_ckpt):
 def _alarm_names(model, data, name="m", eps=(0.1,), **kw):
     kw = {"steps": 20, "restarts": 1, "queries": 300, "batch_size": 32, "device": "cpu", "progress": False,
           **kw}
-    df = runner.evaluate([(name, model)], ["untargeted"], list(eps), data, **kw)
-    return {a.alarm for a in df.attrs["alarms"]}
+    return {a.check for a in run_eval([(name, model)], ["untargeted"], list(eps), data, **kw).alarms}
 
 
 @pytest.mark.parametrize("kind, alarm", [
@@ -78,9 +77,11 @@ def test_no_convergence_at_large_eps_fires_on_a_model_no_attack_can_move(net, da
 
 
 def test_non_monotone_in_eps():
-    found = alarms.monotone_alarms("m", "sha", {0.05: 0.40, 0.1: 0.55, 0.2: 0.10}, n=100)
-    assert [(a.alarm, a.eps) for a in found] == [("non-monotone-in-eps", 0.1)]
-    assert alarms.monotone_alarms("m", "sha", {0.05: 0.40, 0.1: 0.405, 0.2: 0.10}, n=100) == []  # < 1 example
+    found = alarms.monotone("m", "sha", {0.05: 0.40, 0.1: 0.55, 0.2: 0.10}, n=100)
+    assert [(a.check, a.eps) for a in found if a.raised] == [("non-monotone-in-eps", 0.1)]
+    assert len(found) == 3  # a verdict per radius: the plan's checks are covered
+    assert not any(a.raised for a in alarms.monotone("m", "sha", {0.05: 0.40, 0.1: 0.405, 0.2: 0.10},
+                                                     n=100))  # < 1 example
 
 
 def test_a_plain_model_raises_no_alarm(net, data):
@@ -92,10 +93,11 @@ def test_no_false_alarm_on_the_bundled_zoo(data):
     assert len(names) == 6
     ds = data.subset(slice(0, 24))
     models = [load_model(f"zoo:{z}") for z in names]
-    df = runner.evaluate(models, ["untargeted", "multi-targeted"], 0.1, ds, steps=40, restarts=2, queries=250,
-                         batch_size=24, device="cpu", progress=False)
-    assert df.attrs["alarms"] == [], [(a.model, a.alarm, a.detail) for a in df.attrs["alarms"]]
-    assert set(df["attack"]) == {"untargeted", "multi-targeted", "square"}  # the check ran, in the records
+    out = run_eval(models, ["untargeted", "multi-targeted"], 0.1, ds, steps=40, restarts=2, queries=250,
+                   batch_size=24, device="cpu")
+    assert out.alarms == [], [(a.model, a.check, a.detail) for a in out.alarms]
+    assert set(out.records["attack"]) == {"untargeted", "multi-targeted", "square"}  # the check ran
+    assert {v.check for v in out.verdicts} == set(alarms.PRE + alarms.POST)  # every check gave a verdict
 
 
 def test_unreliable_is_marked_everywhere_with_its_own_exit_status(net, tiny_npz, tmp_path):

@@ -189,7 +189,7 @@ def test_linear_binary_reaches_exact_optimum(preset, eps):
     torch.testing.assert_close(res.x_adv[robust], opt_x[robust], rtol=0, atol=1e-6)
     torch.testing.assert_close(res.margin[robust], opt_margin[robust], rtol=0, atol=1e-5)
     # DeepMind's final-iterate rule lands every example on the optimal corner
-    res_f = attacks.run(atk.replace(final_iterate=True), model, x, y, seed=0)
+    res_f = attacks.run(atk.replace(tracking=attacks.FinalIterate()), model, x, y, seed=0)
     torch.testing.assert_close(res_f.x_adv, opt_x, rtol=0, atol=1e-6)
     assert torch.equal(res_f.success, opt_margin > 0)
 
@@ -283,7 +283,7 @@ def test_different_seed_gives_different_starts():
     model = linear_model(30, 3, 0)
     x = torch.rand(4, 30)
     y = torch.zeros(4, dtype=torch.long)
-    atk = attacks.get("pgd-0", 0.1, goal="maximize")
+    atk = attacks.get("pgd-0", 0.1, tracking=attacks.Maximize())
     a = attacks.run(atk, model, x, y, seed=1).x_adv
     b = attacks.run(atk, model, x, y, seed=2).x_adv
     c = attacks.run(atk, model, x, y, seed=1).x_adv

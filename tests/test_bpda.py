@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import QuantisedInput
+from conftest import QuantisedInput, run_eval
 from torch import nn
 
-from robusteval import bpda, runner
+from robusteval import bpda
 from robusteval.cli import cli
 from robusteval.data import load_npz
 from robusteval.errors import UserError
@@ -47,19 +47,20 @@ def test_straight_through_keeps_the_forward_and_gives_a_gradient(exported, data)
 
 
 def test_gradient_attacks_through_bpda_break_at_least_as_much_as_square(exported, data):
-    kw = dict(steps=30, restarts=2, queries=500, batch_size=32, device="cpu", progress=False)
+    kw = dict(steps=30, restarts=2, queries=500, batch_size=32, device="cpu")
     loaded = load_model(exported)
-    plain = runner.evaluate([loaded], ["untargeted", "multi-targeted"], 0.1, data, **kw)
-    names = {a.alarm: a.detail for a in plain.attrs["alarms"]}
+    plain = run_eval([loaded], ["untargeted", "multi-targeted"], 0.1, data, **kw)
+    names = {a.check: a.detail for a in plain.alarms}
     assert "unusable-gradients" in names and "round" in names["unusable-gradients"]
     assert "--bpda" in names["unusable-gradients"]
-    with_bpda = runner.evaluate([load_model(exported)], ["untargeted", "multi-targeted"], 0.1, data,
-                                no_skip=True, bpda=True, **kw)
+    outcome = run_eval([load_model(exported)], ["untargeted", "multi-targeted"], 0.1, data, no_skip=True,
+                       bpda=True, **kw)
+    with_bpda = outcome.records
     assert set(with_bpda["model"]) == {"quantised+bpda"}
     robust = with_bpda.groupby("attack")["robust"].mean()
     # independent columns (--no-skip): each gradient attack alone matches or beats Square
     assert robust["multi-targeted"] <= robust["square"] and robust["untargeted"] <= robust["square"]
-    assert "unusable-gradients" not in {a.alarm for a in with_bpda.attrs["alarms"]}
+    assert "unusable-gradients" not in {a.check for a in outcome.alarms}
     # every recorded point was verified on the original model (the runner's re-classification)
     attacked = with_bpda[with_bpda.status == "attacked"]
     assert (attacked["robust"] == (attacked["adv_pred"] == attacked["label"])).all()

@@ -1,4 +1,4 @@
-"""`robusteval attack / report / models / demo` end to end with click's CliRunner (issue 4)."""
+"""`robusteval attack / report / models / demo` end to end with click's CliRunner."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import attacks
-from robusteval import records, reports, runner
+from robusteval import records, reports, runner, runs
 from robusteval.cli import cli
 from robusteval.models import checkpoints
 
@@ -44,9 +44,10 @@ def test_attack_prints_the_table_recomputed_from_records(tiny_ckpt, tiny_npz, tm
     assert result.exit_code == 0, result.output
     df = records.read(out / "records.csv")
     assert len(df) == 24 * 2
-    table = reports.summarize(df)
+    table, note = reports.run_table(runs.read(out))
+    assert list(table[reports.STATUS]) == ["complete"]
     title = "Robust accuracy — npz test, first 24 examples"
-    assert _rendered(table, title, reports.mode_note(df)) in result.stdout
+    assert _rendered(table, title, note) in result.stdout
     expected = pd.read_csv(io.StringIO(table.to_csv(index=False)))
     pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), expected)
     assert "Worst case" in (out / "summary.md").read_text()

@@ -1,4 +1,4 @@
-"""Sharded evaluation (issue 13): torchrun ranks and --shard I/N jobs give the single-process records."""
+"""Sharded evaluation: torchrun ranks and --shard I/N jobs give the single-process records."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from robusteval import distributed, records
+from robusteval import distributed, records, rundir
 from robusteval.cli import cli
 from robusteval.errors import UserError
 
@@ -71,13 +71,13 @@ def test_shards_and_report_equal_the_single_run(single, tiny_ckpt, tmp_path):
     for i in range(3):
         res = CliRunner().invoke(cli, _args(tiny_ckpt, out, extra=("--shard", f"{i}/3")))
         assert res.exit_code == 0, res.output
-        assert f"records: {out / records.shard_filename(i, 3)}" in res.output
+        assert f"records: {out / rundir.filename(rundir.RECORDS, (i, 3))}" in res.output
         assert "when every shard is done: robusteval report" in res.output
     assert_same(_sorted(records.read(out)), single[0])
     res = CliRunner().invoke(cli, ["report", str(out)])
     assert res.exit_code == 0, res.output
     assert _table(res.output) == single[1]
-    (out / records.shard_filename(1, 3)).unlink()  # a missing shard is named, never silently absent
+    (out / rundir.filename(rundir.RECORDS, (1, 3))).unlink()  # a missing shard is named, never absent
     res = CliRunner().invoke(cli, ["report", str(out)])
     assert res.exit_code != 0 and "shard(s) 1/3 (records.shard-1-of-3.csv) missing" in res.output
 
@@ -87,8 +87,8 @@ def test_torchrun_two_ranks_equal_the_single_run(single, tiny_ckpt, tmp_path):
     proc = subprocess.run([*TORCHRUN, "-m", "robusteval", *_args(tiny_ckpt, out)], capture_output=True,
                           text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.glob("records*.csv")) == [records.shard_filename(0, 2),
-                                                                 records.shard_filename(1, 2)]
+    assert sorted(p.name for p in out.glob("records*.csv")) == [rundir.filename(rundir.RECORDS, (0, 2)),
+                                                                 rundir.filename(rundir.RECORDS, (1, 2))]
     assert_same(_sorted(records.read(out)), single[0])
     assert _table(proc.stdout) == single[1]  # printed once, by rank 0
 
@@ -114,7 +114,7 @@ def test_a_killed_rank_resumes_to_the_same_records(single, tiny_ckpt, tmp_path):
     args = [*TORCHRUN, "-m", "robusteval", *_args(tiny_ckpt, out, extra=("--batch-size", "1"))]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                             start_new_session=True)
-    shard1 = out / records.shard_filename(1, 2)
+    shard1 = out / rundir.filename(rundir.RECORDS, (1, 2))
     deadline = time.time() + 240
     while _rows(shard1) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

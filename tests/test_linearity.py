@@ -183,7 +183,8 @@ def test_loss_surface_centre_and_adversarial_point(cnn, batch):
     x, y = batch[0][:1], batch[1][:1]
     eps = 0.1
     with eval_mode(cnn):
-        res = attacks.run(attacks.get("untargeted", eps, steps=10, restarts=1, goal="maximize"), cnn, x, y)
+        atk = attacks.get("untargeted", eps, steps=10, restarts=1, tracking=attacks.Maximize())
+        res = attacks.run(atk, cnn, x, y)
     surf = loss_surface(cnn, x[0], y[0], res.x_adv[0] - x[0], rand_direction=7, eps=eps, grid=41)
     with torch.no_grad():
         l0 = F.cross_entropy(cnn(x), y).item()

@@ -80,8 +80,28 @@ def w(tiny_ckpt, tiny_state_dict, nan_ckpt, tiny_npz, tmp_path_factory):
 
     put("badid", "badid.csv", "".join(lines[:2] + [second_row("example_id", lambda v: "abc")] + lines[3:]))
     put("maybe", "maybe.csv", "".join(lines[:2] + [second_row("robust", lambda v: "maybe")] + lines[3:]))
-    flipped = second_row("robust", lambda v: "False" if v == "True" else "True")
-    put("conflict", "conflict.csv", text + flipped)
+    def edited(status, **changes):  # the file with the first row of ``status`` changed in place
+        out = list(lines)
+        k = next(i for i, line in enumerate(out) if i and next(csv.reader([line]))[col("status")] == status)
+        cells = next(csv.reader([out[k]]))
+        for column, value in changes.items():
+            cells[col(column)] = value
+        buf = io.StringIO()
+        csv.writer(buf).writerow(cells)
+        out[k] = buf.getvalue()
+        return out, buf.getvalue()
+
+    col = records.COLUMNS.index
+    put("conflict", "conflict.csv", text + edited("attacked", seconds="12.5")[1])  # same key, other row
+    put("wrong_robust", "wrong_robust.csv", "".join(edited("clean-wrong", robust="True")[0]))
+    robust_row = next(i for i, line in enumerate(lines)
+                      if i and next(csv.reader([line]))[col("robust")] == "True")
+    cells = next(csv.reader([lines[robust_row]]))
+    cells[col("adv_pred")] = str((int(cells[col("label")]) + 1) % 10)
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)
+    put("robust_misclassified", "robust_misclassified.csv",
+        "".join(lines[:robust_row] + [buf.getvalue()] + lines[robust_row + 1:]))
     put("text", "notes.txt", "some notes without a final newline")
     put("file", "a-file", "x")
     p["ckpt_copy"] = d / "copy.pt"
@@ -127,8 +147,13 @@ def _rows(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("│")]
 
 
+def _numbers(result) -> list[list[str]]:
+    """The table's cells but the Status column (a copy of a records file is read without its plan)."""
+    return [[c.strip() for c in line.split("│")[1:-2]] for line in _rows(result)]
+
+
 def _same_table_as_intact(result, p, tmp):
-    assert _rows(result) == _rows(invoke(["report", p["rec"]])) != []
+    assert _numbers(result) == _numbers(invoke(["report", p["rec"]])) != []
 
 
 def _two_model_rows(result, p, tmp):
@@ -204,6 +229,12 @@ CASES: dict[str, Case] = {
     "report, robust=maybe": Case(report("maybe"), ERR, "robust is 'maybe', expected True or False",
                                  ("maybe",)),
     "report, conflicting duplicates": Case(report("conflict"), ERR, "conflicting records", ("conflict",)),
+    "report, clean-wrong row says robust": Case(report("wrong_robust"), ERR,
+                                                "inconsistent record: a clean-wrong row is clean-correct",
+                                                ("wrong_robust",)),
+    "report, robust row re-classified as another class": Case(report("robust_misclassified"), ERR,
+                                                              "robust disagrees with adv_pred",
+                                                              ("robust_misclassified",)),
     # ---- never merge what differs
     "report, same name, other checkpoint": Case(report("runA", "runB"), OK, "", (), _two_model_rows),
     "report, other seed": Case(report("rec", "seed1"), ERR, "come from different runs: seed differs"),
@@ -360,10 +391,10 @@ def test_safetensors_round_trip_with_our_metadata(tiny_ckpt, tmp_path):
     pytest.importorskip("safetensors")
     m = load_model(tiny_ckpt)
     path = save_checkpoint(tmp_path / "m.safetensors", m.model, "small_cnn", {"width": 4, "hidden": 16},
-                           dataset="fashion-mnist", training={"method": "adversarial", "inner_steps": 2})
+                           dataset="fashion-mnist", training={"method": "adversarial", "steps": 2})
     again = load_model(path)
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert again.source == "robusteval-checkpoint" and again.meta["training"]["inner_steps"] == 2
+    assert again.source == "robusteval-checkpoint" and again.meta["training"]["steps"] == 2
     assert torch.equal(again.model(x), m.model(x))  # same weights, same code path
 
 

@@ -1,4 +1,4 @@
-"""The runner's contracts (issue 4): verification, eval-mode guard, battery semantics, resume, records."""
+"""The runner's contracts: verification, eval-mode guard, battery semantics, resume, records."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_eval
 
 import attacks
 from robusteval import records, reports, runner
@@ -18,16 +19,15 @@ FAST = dict(steps=4, restarts=1, checks=False)  # the masking checks are tested 
 BATTERY = ["untargeted", "multi-targeted"]
 
 
-
 @pytest.fixture()
 def data(tiny_npz):
     return load_npz(tiny_npz, n=24)
 
 
 def _evaluate(ckpt, data, out=None, **kw):
-    kw = {"batch_size": 8, "device": "cpu", "progress": False, **FAST, **kw}
+    kw = {"batch_size": 8, "device": "cpu", **FAST, **kw}
     names, eps = kw.pop("attack_names", BATTERY), kw.pop("eps", EPS)
-    return runner.evaluate([str(ckpt)], names, eps, data, out=out, **kw)
+    return run_eval([str(ckpt)], names, eps, data, out=out, **kw).records
 
 
 def test_records_have_the_schema_and_are_verified(tiny_ckpt, data):
@@ -81,8 +81,7 @@ def test_model_is_unchanged(tiny_ckpt, data):
     model.features[1].training = False  # ...and restore every module's own flag, not one global one
     flags = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    df = runner.evaluate([("tiny", model)], BATTERY, EPS, data, batch_size=8, device="cpu", progress=False,
-                         **FAST)
+    df = run_eval([("tiny", model)], BATTERY, EPS, data, batch_size=8, device="cpu", **FAST).records
     assert (df.status == "attacked").any()
     assert [m.training for m in model.modules()] == flags
     for k, v in model.state_dict().items():
@@ -180,7 +179,8 @@ def test_results_do_not_depend_on_batch_size(tiny_ckpt, data):
 
 def test_records_file_survives_a_torn_write(tmp_path):
     row = {c: 1 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": 0.1, "robust": True,
-                                              "status": "attacked", "mode": "skip"}
+                                              "success": False, "linf": 0.05, "status": "attacked",
+                                              "mode": "skip"}
     path = tmp_path / records.FILENAME
     records.append(path, [row | {"example_id": 0}, row | {"example_id": 1}])
     with open(path, "a") as f:

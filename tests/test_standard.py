@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
+from conftest import run_eval
 
 import attacks
 from attacks.optimizers import APGD, apgd_checkpoints
-from robusteval import runner
 from robusteval.cli import cli
 from robusteval.data import load_dataset
+from robusteval.evaluation import build_battery
 from robusteval.models import load_model
 
 
@@ -134,14 +135,16 @@ def test_diverse_starts_stay_in_the_ball_depend_only_on_the_example_and_differ_f
 
 
 def test_standard_battery_members_in_order():
-    built = runner.build_attacks(["standard"], 0.1)
+    built = build_battery(["standard"], 0.1).attacks
     members = ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
     assert [a.name for a in built] == members
     assert [a.restarts for a in built] == [1, 1, 5, 5]
     assert all(isinstance(a.start, attacks.DiverseStart) for a in built[1:])
-    with_check = runner.build_attacks(["standard"], 0.1, checks=True)
-    assert [a.name for a in with_check] == [*members, "square"]
-    paper = runner.build_attacks(["paper"], 0.1)
+    with_check = build_battery(["standard"], 0.1, checks=True)
+    assert [a.name for a in with_check.attacks] == [*members, "square"]
+    assert with_check.role(with_check.attacks[-1]) == "check" and with_check.check.steps == 999
+    assert build_battery(["standard"], 0.1, checks=True, full_check=True).check.steps == 4999
+    paper = build_battery(["paper"], 0.1).attacks
     assert [(a.name, a.steps, a.restarts) for a in paper] == [
         ("untargeted", 200, 20), ("random-targeted", 200, 20), ("multi-targeted", 200, 20)]
     for atk in built:
@@ -160,7 +163,7 @@ def test_standard_battery_matches_the_exact_optimum_of_a_multiclass_linear_model
         with torch.no_grad():
             best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, bounds)), y))
     alive = torch.ones(64, dtype=torch.bool)
-    for atk in runner.build_attacks(["standard"], eps):
+    for atk in build_battery(["standard"], eps).attacks:
         idx = alive.nonzero()[:, 0]
         res = attacks.run(atk, model, x[idx], y[idx], ids=idx, seed=0)
         alive[idx[res.success]] = False
@@ -172,8 +175,7 @@ def test_standard_breaks_every_example_of_the_nominal_model():
     """zoo:fmnist-nominal is not robust at ε = 0.1: the battery must break all of the first 100."""
     model = load_model("zoo:fmnist-nominal").model.eval()
     ds = load_dataset("fashion-mnist", n=100)
-    df = runner.evaluate([("nominal", model)], ["standard"], 0.1, ds, batch_size=100, progress=False,
-                         checks=False)
+    df = run_eval([("nominal", model)], ["standard"], 0.1, ds, batch_size=100, checks=False).records
     worst = df.groupby("example_id")["robust"].any()
     correct = df.groupby("example_id")["clean_correct"].first()
     assert correct.sum() > 80
@@ -193,11 +195,10 @@ def test_battery_result_does_not_depend_on_batch_size_or_order(tiny_ckpt):
             return torch.cat([self.inner(x[i:i + 1]) for i in range(len(x))]) if len(x) else self.inner(x)
 
     rw = RowWise(model).eval()
-    names = [a.replace(steps=10) for a in runner.build_attacks(["standard"], 0.01)]
+    names = [a.replace(steps=10) for a in build_battery(["standard"], 0.01).attacks]
 
     def robust(dataset, batch):
-        df = runner.evaluate([("m", rw)], names, 0.01, dataset, batch_size=batch, progress=False,
-                             checks=False)
+        df = run_eval([("m", rw)], names, 0.01, dataset, batch_size=batch, checks=False).records
         cols = ["robust", "adv_pred", "restart", "target"]
         return df.set_index(["attack", "example_id"])[cols].sort_index()
 
@@ -262,7 +263,7 @@ def test_a_point_that_fools_only_the_bf16_model_is_not_counted():
     ds = load_dataset("fashion-mnist", n=6)
     ds.images[:] = 0.5
     ds.labels[:] = 0
-    df = runner.evaluate([("r", model)], ["pgd-20"], 0.1, ds, progress=False, checks=False, precision="bf16")
+    df = run_eval([("r", model)], ["pgd-20"], 0.1, ds, checks=False, precision="bf16").records
     assert df["robust"].all() and set(df["mode"]) == {"skip+bf16"}
 
 

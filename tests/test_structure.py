@@ -1,4 +1,4 @@
-"""Structure (issue 9): uniform registries, stable configurations, one record format, clean layering."""
+"""Structure: uniform registries, stable configurations, one record format, clean layering."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _tiny_classifier():
 @pytest.mark.parametrize("name", [*dict.keys(attacks.PRESETS), "pgd-3"])
 def test_every_preset_builds_and_runs_through_the_same_call(name):
     assert name in attacks.PRESETS
-    atk = attacks.PRESETS[name](0.1, (0.0, 1.0)).replace(steps=2, restarts=1)
+    atk = attacks.PRESETS[name](attacks.LinfBall(0.1)).replace(steps=2, restarts=1)
     x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     model = _tiny_classifier()
     res = attacks.run(atk, model, x, model(x).argmax(1), seed=0)
@@ -104,13 +104,14 @@ def test_attacks_imports_nothing_from_the_application():
 @pytest.mark.parametrize("eps", [8 / 255, 0.1, 1 / 3, 2 / 255, 0.031])
 def test_eps_round_trips_exactly_in_both_record_formats(eps, tmp_path):
     base = {c: 0 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": eps, "status": "attacked",
-                                              "mode": "skip", "robust": True, "example_sha": "0" * 16}
+                                              "mode": "skip", "robust": True, "clean_correct": True,
+                                              "example_sha": "0" * 16}
     records.append(tmp_path / records.FILENAME, [base])
     assert records.read(tmp_path)["eps"].iloc[0] == eps
     row = {c: 0 for c in records.GAMMA_COLUMNS} | {"model": "m", "eps": eps, "eps_text": "8/255",
                                                     "clean_correct": True, "gamma": eps / 3}
-    path = records.write_gamma(tmp_path / records.GAMMA_FILENAME, [row])
-    back = records.read_gamma(path).iloc[0]
+    records.append(tmp_path / records.GAMMA_FILENAME, [row], records.GAMMA)
+    back = records.read_gamma(tmp_path).iloc[0]
     assert back["eps"] == eps and back["gamma"] == eps / 3 and back["eps_text"] == "8/255"
 
 
@@ -127,7 +128,7 @@ class _RandomSearch:
 
     uses_gradient = False
 
-    def init(self, x, generators=None):
+    def init(self, x, generators=None, **run):
         return _RandomSearchState(x.clone(), torch.full((len(x),), float("-inf")), list(generators))
 
     def step(self, x, grad, value, state, lr):

@@ -198,7 +198,7 @@ def test_inner_maximisation_runs_through_the_engine(monkeypatch, method, calls):
     model, (x, y) = small(), batch()
     compute_loss(LossConfig(method, steps=2), model, x, y, eps=0.1)
     assert len(seen) == calls
-    assert all(a.goal == "maximize" and a.steps == 2 and a.final_iterate for a in seen)
+    assert all(a.tracking == attacks.FinalIterate(evades=False) and a.steps == 2 for a in seen)
     seen.clear()
     compute_loss(LossConfig(method, steps=2), model, x, y, eps=0.0)
     assert not seen  # ε = 0: nothing to search

@@ -1,7 +1,8 @@
 """``robusteval attack``: run an attack battery on one or more models and print the robust-accuracy table.
 
-Parse → :func:`robusteval.runner.evaluate` → :func:`robusteval.reports.summarize` → render (ARCHITECTURE.md,
-"CLI"): the table and output paths on stdout, progress and errors on stderr.
+Options → one :class:`~robusteval.evaluation.Evaluation` (one option, one field) →
+:func:`robusteval.runner.evaluate` → the directory's table (:func:`show_results`): the table and output
+paths on stdout, progress and errors on stderr.
 """
 
 from __future__ import annotations
@@ -11,58 +12,55 @@ from pathlib import Path
 import click
 
 from robusteval.cli import cli
-from robusteval.cli.common import parse_eps, parse_step_size, resolve_device
-from robusteval.cli.options import DEFAULT_EPS, DEFAULT_N, default_out, load_data, model_option
+from robusteval.cli.common import parse_eps, parse_step_size
+from robusteval.cli.options import DEFAULT_N, default_out, model_option
 from robusteval.errors import UserError
 
 DEFAULT_ATTACKS = ("standard",)
 
 
-class Unreliable(click.ClickException):
-    """A table was printed, but a masking alarm fired: exit with a status of its own."""
+class Verdict(click.ClickException):
+    """A table was printed, but the run is unreliable (an alarm) or incomplete: an exit status of its own."""
 
-    def __init__(self, message: str):
-        from robusteval.alarms import UNRELIABLE_EXIT
-
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = UNRELIABLE_EXIT
+        self.exit_code = exit_code
 
 
-def show_table(df, alarm_list, rows=("model",), title: str | None = None, out: Path | None = None):
-    """Print the summary table of ``df`` marked with its alarms; save ``summary.*`` into ``out`` if given."""
-    from robusteval import reports
+def finish(view, allow_unreliable: bool) -> None:
+    """Exit with :data:`robusteval.plan.INCOMPLETE_EXIT` when the plan is not covered, else with
+    :data:`robusteval.alarms.UNRELIABLE_EXIT` when an alarm was raised (unless ``allow_unreliable``)."""
+    from robusteval.alarms import UNRELIABLE_EXIT
+    from robusteval.plan import INCOMPLETE_EXIT
 
-    table = reports.summarize(df, rows=rows)
-    if alarm_list is not None:
-        table = reports.mark_alarms(table, df, alarm_list)
-    note = "\n".join(filter(None, [reports.mode_note(df), reports.alarm_note(alarm_list)]))
-    reports.print_table(table, title=title, note=note)
-    return reports.save_summary(table, out, note=note, title=title) if out is not None else []
-
-
-def fail_if_unreliable(alarm_list, allow: bool) -> None:
-    """Exit with :data:`robusteval.alarms.UNRELIABLE_EXIT` when an alarm fired, unless ``allow``."""
-    if alarm_list and not allow:
-        models = sorted({a.model for a in alarm_list})
-        raise Unreliable(f"robust accuracy of {', '.join(models)} is unreliable ({len(alarm_list)} alarm(s), "
-                         "remedies above); pass --allow-unreliable to exit 0 anyway")
+    if view.gaps:
+        raise Verdict(f"the evaluation is incomplete ({len(view.gaps)} part(s) missing, listed above); its "
+                      "numbers are not final", INCOMPLETE_EXIT)
+    if view.alarms and not allow_unreliable:
+        models = sorted({a.model for a in view.alarms})
+        raise Verdict(f"robust accuracy of {', '.join(models)} is unreliable ({len(view.alarms)} alarm(s), "
+                      "remedies above); pass --allow-unreliable to exit 0 anyway", UNRELIABLE_EXIT)
 
 
-def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
-    """Print the summary table of every record in ``out`` and save ``summary.csv``/``summary.md`` there.
+def show_results(paths, rows=("model",), columns: str = "attack", title: str | None = None,
+                 save: Path | None = None, fmt: str = "table", merge_runs: bool = False):
+    """Print the table of every record in ``paths`` (run directories or records files) with its alarms and
+    completeness; save ``summary.csv``/``summary.md`` into ``save``. Returns the :class:`runs.View`.
 
-    The table covers the whole directory (earlier invocations resumed into it included), so the summary
-    never shows only the last invocation's ε or models. Returns the alarms of the directory.
-    """
-    from robusteval import alarms, records
+    A directory's table covers all of it (earlier invocations resumed into it included), so the summary
+    never shows only the last invocation's ε or models."""
+    from robusteval import reports, runs
 
-    df = records.read(out)  # the directory: records.csv and every shard's file, merged
-    has_checks = alarms.exists(out)
-    alarm_list = alarms.read(out) if has_checks else None
-    paths = show_table(df, alarm_list, rows, title, out)
-    click.echo(f"records: {', '.join(str(p) for p in records.files_in(out))}")
-    click.echo(f"summary: {', '.join(map(str, paths))}")
-    return alarm_list or []
+    view = runs.read(paths, merge_runs=merge_runs)
+    table, note = reports.run_table(view, rows=rows, columns=columns)
+    if fmt == "table":
+        reports.print_table(table, title=title, note=note)
+    else:
+        click.echo(reports.render(table, fmt, note=note, title=title), nl=False)
+    if save is not None:
+        paths = reports.save_summary(table, save, note=note, title=title)
+        click.echo(f"summary: {', '.join(map(str, paths))}")
+    return view
 
 
 @cli.command("attack")
@@ -86,7 +84,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds every random start (per example).")
+              help="Seeds every random start (per example); 0 to 2^63 − 1.")
 @click.option("--restarts", type=int, default=None, help="Override the presets' restarts (paper: 20).")
 @click.option("--steps", type=int, default=None, help="Override the presets' steps (paper: 200).")
 @click.option("--step-size", default=None, help="First step size: 0.1 (pixel units) or 0.25eps (relative).")
@@ -95,7 +93,7 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
 @click.option("--arch", default=None, help="Architecture name, for checkpoints that are bare state_dicts.")
 @click.option("--no-skip", is_flag=True,
               help="Run every attack on every clean-correct example (independent per-attack columns).")
-@click.option("--queries", type=click.IntRange(min=1), default=None,
+@click.option("--queries", type=int, default=None,
               help="Query budget of Square (default 5,000 as an attack, 1,000 as the black-box check).")
 @click.option("--bpda", is_flag=True,
               help="Attack through a copy whose zero-gradient ops (round, floor, ceil, trunc, sign, step "
@@ -111,8 +109,9 @@ def show_results(out: Path, rows=("model",), title: str | None = None) -> list:
                    "OUT/records.shard-I-of-N.csv, for array jobs; `robusteval report OUT` merges the shards. "
                    "Under torchrun the rank and world size set it.")
 @click.option("--no-checks", is_flag=True,
-              help="Skip the masking alarms (randomness, softmax outputs, unusable gradients, autograd in "
-                   "forward, Square on the survivors, large ε, monotonicity in ε). Not recommended.")
+              help="Skip the masking alarms (randomness, batch dependence, softmax outputs, unusable "
+                   "gradients, autograd in forward, Square on the survivors, large ε, monotonicity in ε). "
+                   "Not recommended.")
 @click.option("--allow-unreliable", is_flag=True,
               help="Exit 0 even when an alarm marks a model's number unreliable (it is still marked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -124,8 +123,11 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
     of the attacks before it (worst case), --no-skip runs every attack on every example. Every
     adversarial example is verified (‖δ‖∞ ≤ ε, inside [0,1], re-classified in eval mode) before it is
-    recorded in OUT/records.csv, one row per model × attack × ε × example; rerunning with the same
-    --out resumes. Also writes OUT/summary.csv and OUT/summary.md.
+    recorded in OUT/records.csv, one row per model × attack × ε × example. The run's plan
+    (OUT/plan.json) is written before any attack: rerunning with the same --out resumes what the plan
+    lists and the records lack, and a run that does not cover its plan is reported as incomplete (exit
+    status 4). Alarms go to OUT/alarms.csv and are never erased by a later run (exit status 3). Also
+    writes OUT/summary.csv and OUT/summary.md.
 
     With no --attack the `standard` battery runs: the strongest per pass robusteval has (its robust
     accuracy equalled or was below reference AutoAttack's on every model and radius measured, in 0.34 to
@@ -140,77 +142,50 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
       robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
     """
-    from robusteval import distributed, records, runner
+    from robusteval import distributed, runner
+    from robusteval.evaluation import Budget, Evaluation
 
     shard = distributed.parse_shard(shard_text)
-    ctx = distributed.from_env()
-    if ctx is not None and shard is not None:
-        raise UserError("--shard and torchrun both split the work; use one of them")
-    if ctx is not None and not out:
-        raise UserError("under torchrun every rank must write to the same --out: pass --out")
-    try:
+    if distributed.from_env() is not None and shard is not None:
+        raise UserError("`shard` and torchrun both split the work; use one of them")
+    if distributed.from_env() is not None and not out:
+        raise UserError("under torchrun every rank must write to the same `out`: pass `out`")
+    with distributed.session(device) as (ctx, device):
         if ctx is not None:
-            device, shard, quiet = distributed.start(ctx, device), ctx.shard, quiet or ctx.rank != 0
-        if steps is not None and steps < 1 or restarts is not None and restarts < 1:
-            raise UserError("--steps and --restarts must be ≥ 1 (0 steps would not attack at all)")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be positive, got {batch_size}")
-        eps_values = [parse_eps(t, eps_scale) for t in eps_texts]
+            shard, quiet = ctx.shard, quiet or ctx.rank != 0
         size = parse_step_size(step_size)
-        overrides = dict(steps=steps, restarts=restarts, step_size=size[0] if size else None,
-                         relative_step=size[1] if size else None)
-        runner.build_attacks(attack_names, eps_values[0] if eps_values else 0.1, queries=queries,
-                             **overrides)  # names, early
-        out = Path(out) if out else default_out("attack")
+        ev = Evaluation(
+            models=tuple(models), battery=tuple(attack_names),
+            eps=tuple(parse_eps(t, eps_scale) for t in eps_texts), dataset=dataset, data_dir=data_dir,
+            download=download, n=n, limit=DEFAULT_N, budget=Budget(steps, restarts, size[0] if size else None,
+                                                   size[1] if size else None, queries),
+            seed=seed, precision=precision, compile=compile_model, bpda=bpda, no_skip=no_skip,
+            checks=not no_checks, shard=shard, batch_size=batch_size, device=device, arch=arch,
+            out=Path(out) if out else default_out("attack"), progress=not quiet)
         if ctx is not None:
-            distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": eps_values,
-                                    "n": n, "dataset": dataset, "seed": seed, "out": str(out.resolve()),
-                                    "overrides": overrides, "no_skip": no_skip, "checks": not no_checks,
-                                    "precision": precision, "queries": queries, "bpda": bpda})
-        mine = out / (records.shard_filename(*shard) if shard else records.FILENAME)
-        records.check_appendable(mine)  # an unwritable --out fails before any work
-        device = resolve_device(device)
-        entries = runner.load_entries(models, arch=arch, device=device)
-        if dataset is None:
-            found = {e.meta.get("dataset") for e in entries if e.meta.get("dataset")}
-            if len(found) > 1:
-                names = ", ".join(sorted(found))
-                raise UserError(f"the models were trained on different datasets ({names}); pass --dataset")
-            dataset = found.pop() if found else "fashion-mnist"
-        ds = load_data(dataset, data_dir, n, download)
-        if not eps_values:
-            text = DEFAULT_EPS.get(ds.name, "8/255")
-            if not ctx or ctx.rank == 0:
-                click.echo(f"using the default ε = {text} for {ds.name} (set it with --eps)", err=True)
-            eps_values = [parse_eps(text)]
-        if not ctx or ctx.rank == 0:
-            click.echo(f"writing {mine if not ctx else out} (rerun with --out {out} to resume)", err=True)
-        runner.evaluate(entries, attack_names, eps_values, ds, batch_size=batch_size, device=device,
-                        seed=seed, out=out, no_skip=no_skip, progress=not quiet, checks=not no_checks,
-                        queries=queries, bpda=bpda, precision=precision, compile=compile_model, shard=shard,
-                        **overrides)
+            distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": ev.eps,
+                                    "n": n, "dataset": dataset, "seed": seed, "out": str(ev.out.resolve()),
+                                    "budget": ev.budget, "no_skip": no_skip, "checks": not no_checks,
+                                    "precision": precision, "bpda": bpda})
+        speak = ctx is None or ctx.rank == 0
+        outcome = runner.evaluate(ev, notify=lambda m: click.echo(UserError(m).as_flags(), err=True)
+                                  if speak else None)
         if ctx is not None:
             distributed.wait_all(ctx)
             if ctx.rank != 0:
                 return
-        title = f"Robust accuracy — {ds.name} test, first {len(ds)} examples"
+        title = f"Robust accuracy — {outcome.dataset} test, first {outcome.selected} examples"
         if shard is not None and ctx is None:
-            show_shard(out, shard, title, allow_unreliable)
+            from robusteval.rundir import RunDir
+
+            mine = RunDir(ev.out, shard).records
+            view = show_results([mine], title=f"{title} — shard {shard[0]}/{shard[1]} only")
+            finish(view, allow_unreliable)
+            click.echo(f"records: {mine}")
+            click.echo(f"when every shard is done: robusteval report {ev.out}")
             return
-        fail_if_unreliable(show_results(out, title=title), allow_unreliable)
-    finally:
-        if ctx is not None:
-            distributed.stop()
+        view = show_results([ev.out], title=title, save=ev.out)
+        from robusteval import records
 
-
-def show_shard(out: Path, shard: tuple[int, int], title: str, allow_unreliable: bool) -> None:
-    """Print one shard's table (its own examples only) and how to merge the shards."""
-    from robusteval import alarms, records
-
-    df = records.read(out / records.shard_filename(*shard))
-    alarm_file = out / alarms.shard_filename(*shard)
-    alarm_list = alarms.read(alarm_file) if alarm_file.is_file() else None
-    show_table(df, alarm_list, title=f"{title} — shard {shard[0]}/{shard[1]} only")
-    click.echo(f"records: {out / records.shard_filename(*shard)}")
-    click.echo(f"when every shard is done: robusteval report {out}")
-    fail_if_unreliable(alarm_list or [], allow_unreliable)
+        click.echo(f"records: {', '.join(str(p) for p in records.files_in(ev.out))}")
+        finish(view, allow_unreliable)

@@ -13,7 +13,8 @@ import click
 
 from robusteval.cli import cli
 from robusteval.cli.attack import show_results
-from robusteval.cli.options import default_out, load_data
+from robusteval.cli.common import resolve_device
+from robusteval.cli.options import default_out
 from robusteval.errors import UserError
 
 DEMO_ATTACKS = ("untargeted", "multi-targeted")
@@ -54,25 +55,30 @@ def demo_command(n, restarts, steps, batch_size, queries, device, seed, skip, ou
     from pathlib import Path
 
     from robusteval import runner
-    from robusteval.cli.common import resolve_device
+    from robusteval.cli.attack import finish
+    from robusteval.evaluation import Budget, Evaluation
     from robusteval.models import list_zoo
 
     names = sorted((z for z in list_zoo() if z.startswith("fmnist-")), key=_natural)
     if not names:
         raise UserError("the bundled zoo has no Fashion-MNIST models yet (robusteval/zoo/fmnist-*.pt); "
                         "train them as described in robusteval/zoo/README.md, or use `robusteval attack`")
-    if n < 1 or restarts < 1 or steps < 1:
-        raise UserError("--n, --restarts and --steps must be ≥ 1")
-    device = resolve_device(device)
-    entries = runner.load_entries([f"zoo:{z}" for z in names], device=device)
-    ds = load_data("fashion-mnist", None, n)
+    if n < 1:
+        raise UserError("--n must be ≥ 1")
+    out = Path(out) if out else default_out("demo")
+    ev = Evaluation(models=tuple(f"zoo:{z}" for z in names), battery=DEMO_ATTACKS, eps=(DEMO_EPS,),
+                    dataset="fashion-mnist", limit=n, budget=Budget(steps=steps, restarts=restarts,
+                                                                    queries=queries),
+                    seed=seed, no_skip=not skip, batch_size=batch_size, device=device, out=out,
+                    progress=not quiet)
+    models = runner.load_models(ev.models, device=resolve_device(device))
+    ds = runner.select_data(ev, models)
     click.echo(f"demo budget: n={len(ds)} test images ({ds.source}), ε={DEMO_EPS}, "
                f"{' + '.join(DEMO_ATTACKS)} with {restarts} restarts × {steps} steps "
                f"(paper: 20 restarts × 200 steps on all 10,000), masking checks with Square at {queries} "
-               f"queries; {len(entries)} models: {', '.join(names)}")
-    out = Path(out) if out else default_out("demo")
-    runner.evaluate(entries, DEMO_ATTACKS, DEMO_EPS, ds, batch_size=batch_size, device=device, seed=seed,
-                    out=out, no_skip=not skip, progress=not quiet, steps=steps, restarts=restarts,
-                    queries=queries)
-    show_results(out, rows=("model", "train_steps"),
-                 title=f"Fashion-MNIST, ε = {DEMO_EPS} (Table F4 layout; reduced budget, see above)")
+               f"queries; {len(models)} models: {', '.join(names)}")
+    runner.evaluate(ev.replace(models=tuple(models), dataset=ds),
+                    notify=lambda m: click.echo(UserError(m).as_flags(), err=True))
+    view = show_results([out], rows=("model", "train_steps"), save=out,
+                        title=f"Fashion-MNIST, ε = {DEMO_EPS} (Table F4 layout; reduced budget, see above)")
+    finish(view, allow_unreliable=True)

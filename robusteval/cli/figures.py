@@ -3,6 +3,7 @@ adversarial version and the scaled perturbation, Figures F2/F4)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -26,9 +27,10 @@ def _example(name: str, data_dir, index: int):
     return ds, ds.subset(hit[:1])
 
 
-def _attack(name: str, eps: float, steps, restarts, **changes):
+def _attack(name: str, eps: float, steps, restarts, maximize: bool = False):
     import attacks
 
+    changes = {"tracking": attacks.Maximize()} if maximize else {}
     try:
         return attacks.get(name, eps, steps=steps, restarts=restarts, **changes)
     except (KeyError, ValueError) as exc:
@@ -108,12 +110,14 @@ def surface_command(model, index, eps, attack_name, steps, restarts, out, eps_sc
 
     if grid % 2 == 0:
         raise UserError(f"--grid must be odd so that x itself is the centre of the grid, got {grid}")
+    if not (math.isfinite(extent) and extent > 0):
+        raise UserError(f"--extent must be a positive finite number (units of ε), got {extent}")
     output_dir(out)
     lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch)
     if radius <= 0:
         raise UserError("--eps must be positive for a loss surface")
     x, y = one.images.to(device), one.labels.to(device)
-    atk = _attack(attack_name, radius, steps, restarts, goal="maximize")
+    atk = _attack(attack_name, radius, steps, restarts, maximize=True)
     res = _run(atk, lm.model, x, y, one.ids, seed)
     surf = loss_surface(lm.model, x[0], y[0], res.x_adv[0] - x[0], rand_direction=seed, eps=radius,
                         grid=grid, extent=extent)

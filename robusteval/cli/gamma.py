@@ -20,7 +20,6 @@ from robusteval.cli.options import (
     unique_names,
 )
 from robusteval.errors import UserError
-from robusteval.paths import output_dir
 
 
 @cli.command("gamma")
@@ -62,89 +61,138 @@ def gamma_command(models, eps, eps_scale, dataset, data_dir, device, arch, seed,
     Under torchrun each rank measures the examples at positions rank, rank + N, ... into
     DIR/gamma.shard-R-of-N.csv; rank 0 merges them into DIR/gamma.csv (the single-process rows, in
     dataset order) and draws the figures.
+
+    Rows are appended per batch: rerunning into the same --out resumes, and a run with other models
+    adds them beside the ones already there (a model measured before with other settings is refused).
     """
     from robusteval import distributed
 
-    ctx = distributed.from_env()
-    if ctx is not None:
-        device = distributed.start(ctx, device)
-    try:
+    with distributed.session(device) as (ctx, device):
         _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n, batch_size, steps,
                step_size, restarts, bn, grad_mode, bins, log_counts, out)
-    finally:
-        if ctx is not None:
-            distributed.stop()
 
 
 def _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n, batch_size, steps,
            step_size, restarts, bn, grad_mode, bins, log_counts, out):
+    from pathlib import Path
+
     import torch
 
-    from robusteval import distributed, records
-    from robusteval.figures import gamma_histogram
-    from robusteval.linearity import gamma_records, gamma_summary
+    from attacks.seeding import MAX_SEED
+    from robusteval import distributed, records, rundir
+    from robusteval.linearity import gamma_records
 
     device = resolve_device(device)
     step = parse_step_size(step_size)
     if eps is not None:
         parse_eps(eps, eps_scale)  # a bad ε fails before any model loads
-    out = output_dir(out)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED} (2^63 − 1), got {seed}")
+    out = Path(out)
+    shard = ctx.shard if ctx is not None else None
+    writer = rundir.RunDir(out, shard)
+    mine = writer.path(rundir.GAMMA)
     loaded = [load(spec, arch, device) for spec in models]
     names = unique_names([m.name for m in loaded], list(models))
-    rows, data, jobs = [], {}, []
+    data, jobs = {}, []
     for lm in loaded:  # every data/model problem surfaces before the long run starts
         dname = dataset_name(lm, dataset)
         if dname not in data:
             data[dname] = load_data(dname, data_dir, n)
-        ds = data[dname]
-        if ctx is not None:
-            if ctx.world > len(ds):
-                raise UserError(f"{ctx.world} processes but only {len(ds)} examples: use at most {len(ds)}")
-            ds = ds.subset(torch.arange(ctx.rank, len(ds), ctx.world))
+        ds = data[dname].shard(ctx.rank, ctx.world) if ctx is not None else data[dname]
         radius, text = resolve_eps(eps, eps_scale, ds.name, with_text=True)
         check_fits(lm, ds, device, radius, seed, batch_size)
         jobs.append((ds, radius, text))
     if ctx is not None:
         distributed.agree(ctx, {"models": list(models), "eps": eps, "n": n, "seed": seed, "steps": steps,
                                 "out": str(out.resolve()), "bn": bn, "grad_mode": grad_mode})
-    with progress(enabled=ctx is None or ctx.rank == 0) as bar:
-        for lm, name, (ds, radius, text) in zip(loaded, names, jobs, strict=True):
-            task = bar.add_task(f"γ {name}", total=len(ds))
-            rows += gamma_records(lm.model, name, lm.sha256, ds, radius, text, batch_size=batch_size,
-                                  steps=steps, step_size=step[0], relative_step=step[1], restarts=restarts,
-                                  bn=bn, grad_mode=grad_mode, seed=seed, step_size_text=step_size,
-                                  on_batch=lambda k, task=task: bar.advance(task, k))
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    if ctx is not None:
-        records.write_gamma(out / records.shard_filename(ctx.rank, ctx.world, "gamma"), rows)
-        distributed.wait_all(ctx)
-        if ctx.rank != 0:
-            return
-        rows = _merge_gamma_shards(out, ctx.world, names)
-    path = records.write_gamma(out / records.GAMMA_FILENAME, rows)
-    # Every figure and table is redrawn from the file just written (records are the one result format).
+    with writer.writing():
+        records.check_appendable(mine, records.GAMMA)
+        existing = records.read_if_exists(mine, records.GAMMA)
+        settings = [dict(dataset=ds.name, eps=radius, steps=steps, step_size=step_size, restarts=restarts,
+                         bn=bn, grad_mode=grad_mode, seed=seed) for ds, radius, _ in jobs]
+        todo = [_remaining(existing, name, lm.sha256, ds, cfg, mine)
+                for lm, name, (ds, _, _), cfg in zip(loaded, names, jobs, settings, strict=True)]
+        with progress(enabled=ctx is None or ctx.rank == 0) as bar:
+            for lm, name, (ds, radius, text), left in zip(loaded, names, jobs, todo, strict=True):
+                task = bar.add_task(f"γ {name}", total=len(ds), completed=len(ds) - len(left))
+                gamma_records(lm.model, name, lm.sha256, left, radius, text, batch_size=batch_size,
+                              steps=steps, step_size=step[0], relative_step=step[1], restarts=restarts,
+                              bn=bn, grad_mode=grad_mode, seed=seed, step_size_text=step_size,
+                              on_batch=lambda k, task=task: bar.advance(task, k),
+                              emit=lambda rows: records.append(mine, rows, records.GAMMA))
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        if ctx is not None:
+            distributed.wait_all(ctx)
+            if ctx.rank != 0:
+                return
+            _merge_gamma_shards(out, ctx.world, names)
+    path = out / records.GAMMA_FILENAME
+    _figures(path, out, names, bins, log_counts)
+
+
+def _remaining(existing, name: str, sha: str, ds, settings: dict, path):
+    """The examples of ``ds`` without a γ record of model ``name`` in ``existing``; records of that model
+    made with another checkpoint or other settings are refused (a rerun must measure the same thing)."""
+    from robusteval import records
+
+    done = existing[existing["model"] == name]
+    if len(done):
+        expect = {"checkpoint_sha256": sha, **settings}
+        for col, value in expect.items():
+            have = set(done[col].map(records.eps_key) if col == "eps" else done[col])
+            want = records.eps_key(value) if col == "eps" else value
+            if have != {want}:
+                found = ", ".join(sorted(map(str, have)))[:60]
+                raise UserError(f"{path} already has γ records of {name} with a different "
+                                f"{col.replace('_', ' ')} ({found}); use another `out`, or the same options "
+                                "to resume")
+    import torch
+
+    keep = ~torch.isin(ds.ids, torch.tensor(done["example_id"].tolist(), dtype=ds.ids.dtype))
+    return ds.subset(keep)
+
+
+def _figures(path, out, names, bins, log_counts) -> None:
+    """Every figure and table, redrawn from the γ records on disk (records are the one result format)."""
+    from robusteval import records
+    from robusteval.figures import gamma_histogram
+    from robusteval.linearity import gamma_summary
+
     df = records.read_gamma(path)
     hist = gamma_histogram(df, out / "gamma_hist.png", log=log_counts, bins=bins)
-    hist.to_frame().to_csv(out / "gamma_hist.csv", index=False)
+    from robusteval.paths import atomic_write
+
+    atomic_write(out / "gamma_hist.csv", hist.to_frame().to_csv(index=False))
     summary = gamma_summary(df)
-    summary.to_csv(out / "gamma_summary.csv", index=False)
+    atomic_write(out / "gamma_summary.csv", summary.to_csv(index=False))
     render_summary(summary)
     for f in ("gamma.csv", "gamma_hist.png", "gamma_hist.csv", "gamma_summary.csv"):
         click.echo(str(out / f))
 
 
-def _merge_gamma_shards(out, world: int, names: list[str]) -> list[dict]:
-    """The rows of every rank's shard file, in single-process order (model, then example position)."""
+def _merge_gamma_shards(out, world: int, names: list[str]) -> None:
+    """gamma.csv := its own rows of other models, then every rank's rows in single-process order (model
+    in the order given, then dataset position), written atomically."""
+    import io
+
     import pandas as pd
 
-    from robusteval import records
+    from robusteval import records, rundir
+    from robusteval.paths import atomic_write
 
-    parts = [records.read_gamma(out / records.shard_filename(r, world, "gamma")) for r in range(world)]
-    df = pd.concat(parts, ignore_index=True)
-    df["_model"] = df["model"].map({m: i for i, m in enumerate(names)})
-    df = df.sort_values(["_model", "example_id"], kind="stable").drop(columns="_model")
-    return df.to_dict("records")
+    parts = [records.read_if_exists(out / rundir.filename(rundir.GAMMA, (r, world)), records.GAMMA)
+             for r in range(world)]
+    shards = pd.concat(parts, ignore_index=True)
+    whole = records.read_if_exists(out / records.GAMMA_FILENAME, records.GAMMA)
+    keep = whole[~whole["model"].isin(set(shards["model"]))]
+    shards["_model"] = shards["model"].map({m: i for i, m in enumerate(names)})
+    shards = shards.sort_values(["_model", "example_id"], kind="stable").drop(columns="_model")
+    rows = keep.to_dict("records") + shards.to_dict("records")  # (no concat: it would retype the ints)
+    buf = io.StringIO()
+    records.write_rows(buf, rows, records.GAMMA)
+    atomic_write(out / records.GAMMA_FILENAME, buf.getvalue())
 
 
 def render_summary(summary) -> None:

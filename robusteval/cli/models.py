@@ -27,7 +27,6 @@ def metrics_summary(metrics, limit: int = 3) -> str:
 def zoo_rows() -> list[list[str]]:
     """One row per bundled checkpoint: name, arch, dataset, method, train ε, PGD steps, metrics."""
     from robusteval.models import list_zoo, load_model
-    from robusteval.runner import ModelEntry
 
     rows = []
     for name in list_zoo():
@@ -36,12 +35,11 @@ def zoo_rows() -> list[list[str]]:
         except Exception as exc:  # noqa: BLE001 — one unreadable file must not hide the others
             rows.append([name, "?", "?", f"unreadable: {str(exc).splitlines()[0][:60]}", "", "", ""])
             continue
-        entry = ModelEntry(name, loaded.model, loaded.sha256, loaded.meta)
         training = loaded.meta.get("training") or {}
-        steps = entry.train_steps
+        steps = loaded.train_steps
         arch = str(loaded.meta.get("arch") or loaded.source)
         eps = _number(training["eps"]) if "eps" in training else ""
-        rows.append([name, arch, str(loaded.meta.get("dataset") or ""), entry.train_method, eps,
+        rows.append([name, arch, str(loaded.meta.get("dataset") or ""), loaded.train_method, eps,
                      "" if steps is None else str(steps), metrics_summary(loaded.meta.get("metrics"))])
     return rows
 

@@ -1,7 +1,9 @@
 """Options and helpers shared by the commands: defaults, data and model loading, checks, progress.
 
-One home for each: the default ε per dataset, the default number of examples, the data loader (one
-behaviour for ``attack``, ``gamma``, ``surface``, ``show`` and ``demo``), the model checks, ``-m/--model``.
+One home for each: the default number of examples, the data loader (one behaviour for ``gamma``,
+``surface`` and ``show``; ``attack`` and ``demo`` select through their
+:class:`~robusteval.evaluation.Evaluation`), the model checks, ``-m/--model``. The default ε per
+dataset lives with the data (:data:`robusteval.data.DEFAULT_EPS`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ import click
 from robusteval.cli.common import parse_eps
 from robusteval.errors import UserError
 
-#: ε when ``--eps`` is not given: the usual radius per dataset (LLR paper: 8/255 CIFAR-10, 4/255 ImageNet;
-#: 0.1 is the common Fashion-MNIST choice, 0.3 MNIST's).
-DEFAULT_EPS = {"fashion-mnist": "0.1", "mnist": "0.3", "cifar10": "8/255", "cifar100": "8/255",
-               "svhn": "8/255", "imagenet": "4/255"}
 DEFAULT_N = 1000
 #: ``-m/--model``, the same on every command that takes models.
 model_option = click.option("--model", "-m", "models", multiple=True, required=True,
@@ -30,13 +28,10 @@ def console(stderr: bool = False):
 
 
 def progress(enabled: bool = True):
-    """A rich progress bar on stderr (data stays clean on stdout), gone when done; plain lines in a log."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    """The commands' progress bar (:func:`robusteval.progress.bar`), gone when done."""
+    from robusteval.progress import bar
 
-    from robusteval.progress import make
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return make(*columns, console=console(stderr=True), transient=True, disable=not enabled)
+    return bar(enabled, transient=True)
 
 
 def load(spec: str, arch: str | None, device: str):
@@ -55,7 +50,9 @@ def resolve_eps(eps: str | None, scale: float, dataset: str, with_text: bool = F
     """``--eps`` (or the dataset's default) in [0, 1] units; with ``with_text`` also the text as given
     (``8/255``; ``8/255`` too for ``--eps 8 --eps-scale 255``)."""
     if eps is None:
-        eps = DEFAULT_EPS.get(dataset, "8/255")
+        from robusteval.data import default_eps_text
+
+        eps = default_eps_text(dataset)
         click.echo(f"using the default ε = {eps} for {dataset} (set it with --eps)", err=True)
     value = parse_eps(eps, scale)
     text = str(eps).strip() if scale == 1 else f"{str(eps).strip()}/{scale:g}"
@@ -63,15 +60,14 @@ def resolve_eps(eps: str | None, scale: float, dataset: str, with_text: bool = F
 
 
 def check_fits(loaded, ds, device: str, eps: float = 0.0, seed: int = 0, batch_size: int = 256) -> None:
-    """The checks of ``robusteval attack`` (:func:`robusteval.runner.check_model`): input shape, logits
-    and classes, finite logits on the data and at a random point of each ε-ball — a clear error, never a
+    """The checks of ``robusteval attack`` (:func:`robusteval.fit.check_model`): input shape, outputs and
+    classes, finite logits on the data and at a random point of each ε-ball — a clear error, never a
     traceback or a number computed from NaN."""
-    from robusteval.runner import ModelEntry, check_model
+    from robusteval.fit import check_model
     from robusteval.runtime import eval_mode
 
-    entry = ModelEntry(loaded.name, loaded.model, loaded.sha256, loaded.meta)
     with eval_mode(loaded.model):
-        check_model(entry, ds, [eps], batch_size, device, seed)
+        check_model(loaded.model, loaded.name, loaded.meta, ds, [eps], batch_size, device, seed)
 
 
 def load_data(name: str, data_dir, n: int | None, download: bool = False):

@@ -36,7 +36,10 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_un
 
     A model whose run raised masking alarms (alarms.csv beside its records.csv) is marked in an Alarms
     column with the remedy under the table, and the command exits with status 3 unless
-    --allow-unreliable. The files are only read, never changed.
+    --allow-unreliable. Records are checked against their run's plan (plan.json): a run that does not
+    cover its plan (interrupted between two attacks, or during the checks) is marked incomplete in a
+    Status column, its worst case is not shown, and the command exits with status 4; records that are
+    not in the plan, and shards of different plans, are refused. The files are only read, never changed.
 
     Different checkpoints with the same name stay separate rows (name [sha256 prefix]); records of one
     model, attack and ε from different runs (checkpoint, attack configuration, seed or mode differ) or
@@ -49,22 +52,8 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_un
       robusteval report runs/*/records.csv --rows model,train_steps --format markdown   # Table F4 style
       robusteval report runs/x/records.csv --rows model --columns eps --format csv
     """
-    from pathlib import Path
+    from robusteval.cli.attack import finish, show_results
 
-    from robusteval import alarms, records, reports
-    from robusteval.cli.attack import fail_if_unreliable
-
-    df = records.read(list(record_files), merge_runs=merge_runs)
-    dirs = {Path(p) if Path(p).is_dir() else Path(p).parent for p in record_files}
-    checked = [d for d in dirs if alarms.exists(d)]
-    alarm_list = [a for d in sorted(checked) for a in alarms.read(d)] if checked else None
-    table = reports.summarize(df, rows=_split(rows), columns=columns)
-    if alarm_list is not None:
-        table = reports.mark_alarms(table, df, alarm_list)
-    note = "\n".join(filter(None, [reports.mode_note(df) if columns == "attack" else None,
-                                   reports.alarm_note(alarm_list)])) or None
-    if fmt == "table":
-        reports.print_table(table, title=title, note=note)
-    else:
-        click.echo(reports.render(table, fmt, note=note, title=title), nl=False)
-    fail_if_unreliable(alarm_list, allow_unreliable)
+    view = show_results(list(record_files), rows=_split(rows), columns=columns, title=title, fmt=fmt,
+                        merge_runs=merge_runs)
+    finish(view, allow_unreliable)

@@ -16,6 +16,7 @@ from robusteval.models import resnet, small_cnn, wide_resnet  # noqa: F401  (fil
 from robusteval.models.checkpoints import (
     CHECKPOINT_FORMAT,
     LoadedModel,
+    in_memory,
     list_zoo,
     load_model,
     save_checkpoint,
@@ -32,6 +33,7 @@ __all__ = [
     "Normalize",
     "create_model",
     "find_normalize",
+    "in_memory",
     "get_arch",
     "list_models",
     "list_zoo",

@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -46,6 +45,7 @@ from robusteval import __version__
 from robusteval.errors import UserError
 from robusteval.models.normalize import find_normalize
 from robusteval.models.registry import create_model, get_arch, list_models
+from robusteval.paths import atomic_write
 
 CHECKPOINT_FORMAT = "robusteval-checkpoint"
 FORMAT_VERSION = 1
@@ -67,12 +67,31 @@ class LoadedModel:
     meta: dict
     sha256: str
     source: str
-    path: Path
+    path: Path | None
+    label: str | None = None  # the display name, when given (an in-memory model, two files of one name)
 
     @property
     def name(self) -> str:
-        """A short display name: the zoo name or the file's stem."""
-        return self.meta.get("name") or self.path.stem
+        """A short display name: the given label, else the zoo name or the file's stem."""
+        return self.label or self.meta.get("name") or (self.path.stem if self.path else "model")
+
+    @property
+    def train_method(self) -> str:
+        return str((self.meta.get("training") or {}).get("method") or "")
+
+    @property
+    def train_steps(self) -> int | None:
+        """Inner attack steps used in training (the "PGD steps" of the LLR paper's Table F4): the trainer's
+        ``steps``; 0 for nominal training (whose stored ``steps`` is unused); ``None`` when unknown."""
+        if self.train_method == "nominal":
+            return 0
+        steps = (self.meta.get("training") or {}).get("steps")
+        return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def in_memory(name: str, model: nn.Module) -> LoadedModel:
+    """An ``nn.Module`` handed over in Python, as a :class:`LoadedModel` (no file, no checkpoint digest)."""
+    return LoadedModel(model, {}, "", "module", None, label=str(name))
 
 
 class ExportedModel(nn.Module):
@@ -197,26 +216,7 @@ def save_checkpoint(
         "versions": {"robusteval": __version__, "torch": str(torch.__version__)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    return _atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Write ``path`` through a temp file in the same directory and ``os.replace`` (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 _SAFETENSORS_MISSING = ("safetensors files need the optional 'safetensors' package: "
@@ -240,7 +240,7 @@ def _save_safetensors(path: Path, state: dict, meta: dict) -> Path:
                         "training/metrics/extra, e.g. trainer resume state): save it as .pt") from None
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     blob = st.save(tensors, metadata={"robusteval": header})
-    return _atomic_write(path, lambda f: f.write(blob))
+    return atomic_write(path, lambda f: f.write(blob))
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -105,8 +105,9 @@ class TradesKL(attacks.ObjectiveBase):
 def inner_attack(preset: str, eps: float, cfg: LossConfig, objective=None) -> attacks.Attack:
     """The engine configuration of a training-time inner maximisation.
 
-    One restart, ``goal="maximize"`` with the final iterate kept (PGD-k / Algorithm 1 semantics: every
-    example takes every step), ``cfg.steps`` steps, Adam (lr 0.1 unless ``cfg.step_size``) or sign steps.
+    One restart, maximisation with the final iterate kept (``FinalIterate(evades=False)``: PGD-k /
+    Algorithm 1 semantics, every example takes every step), ``cfg.steps`` steps, Adam (lr 0.1 unless
+    ``cfg.step_size``) or sign steps.
     """
     step, relative = cfg.step_size, cfg.relative_step
     if step is None:
@@ -115,7 +116,7 @@ def inner_attack(preset: str, eps: float, cfg: LossConfig, objective=None) -> at
     if cfg.inner_optimizer == "sign":
         changes["optimizer"] = attacks.sign()
     return attacks.get(preset, eps, steps=cfg.steps, restarts=1, step_size=step, relative_step=relative,
-                       goal="maximize", final_iterate=True, **changes)
+                       tracking=attacks.FinalIterate(evades=False), **changes)
 
 
 

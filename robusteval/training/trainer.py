@@ -43,6 +43,9 @@ import torch
 from torch import nn
 
 import attacks
+from attacks import seeding
+from robusteval import distributed
+from robusteval.data import canonical_name, default_eps
 from robusteval.errors import UserError
 from robusteval.runtime import eval_mode, strict_fp32
 from robusteval.training.losses import METHODS, LossConfig, compute_loss
@@ -50,20 +53,18 @@ from robusteval.training.losses import METHODS, LossConfig, compute_loss
 #: Per-dataset defaults. ``decay_at``: lr decay points as fractions of ``epochs`` (so a shorter run keeps
 #: the schedule's shape); cifar10 reproduces the paper exactly (110 epochs, decays at 100 and 105).
 DATASET_DEFAULTS: dict[str, dict] = {
-    "cifar10": dict(arch="wrn28_8", eps=8 / 255, epochs=110, batch_size=256, lr=0.1, weight_decay=2e-4,
+    "cifar10": dict(arch="wrn28_8", epochs=110, batch_size=256, lr=0.1, weight_decay=2e-4,
                     decay_at=(100 / 110, 105 / 110), eps_ramp_epochs=15.0, steps=10, augment=True,
                     activation="softplus"),
-    "fashion-mnist": dict(arch="small_cnn", eps=0.1, epochs=10, batch_size=128, lr=0.05, weight_decay=2e-4,
+    "fashion-mnist": dict(arch="small_cnn", epochs=10, batch_size=128, lr=0.05, weight_decay=2e-4,
                           decay_at=(0.7, 0.9), eps_ramp_epochs=2.0, steps=10, augment=False),
 }
 # WRN-28-8 with softplus is the paper's CIFAR-10 model (supplementary F.2, Table F2).
 DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
 DATASET_DEFAULTS["svhn"] = {**DATASET_DEFAULTS["cifar10"], "augment": False}
-DATASET_DEFAULTS["mnist"] = {**DATASET_DEFAULTS["fashion-mnist"], "eps": 0.3}
+DATASET_DEFAULTS["mnist"] = DATASET_DEFAULTS["fashion-mnist"]
 DATASET_DEFAULTS["npz"] = DATASET_DEFAULTS["fashion-mnist"]
 
-_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10"}
-_TAG_ORDER, _TAG_AUG, _TAG_ATTACK, _TAG_EVAL = 1, 2, 3, 4
 
 
 #: The loss fields of a training configuration: flat name (CLI option, stored metadata) → LossConfig field.
@@ -135,12 +136,13 @@ for _flat, _field in LOSS_FIELDS.items():
 def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainConfig:
     """A :class:`TrainConfig` for ``method`` on ``dataset``: ``given`` values (``None`` = not given)
     override :data:`DATASET_DEFAULTS`. Invalid values raise :class:`UserError`."""
-    dataset = _ALIASES.get(dataset.lower(), dataset.lower())
+    dataset = canonical_name(dataset)
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     base = DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["cifar10"])
     given = {k: v for k, v in given.items() if v is not None}
     kw = {k: v for k, v in base.items() if k != "decay_at"}
+    kw["eps"] = default_eps(dataset)  # the usual radius of the dataset, as for evaluation
     kw.update(given)
     if "lr_decay_epochs" not in given:
         kw["lr_decay_epochs"] = tuple(sorted({round(f * kw["epochs"]) for f in base["decay_at"]}))
@@ -249,7 +251,7 @@ def eps_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def _seed(cfg: TrainConfig, index: int, tag: int) -> int:
-    return attacks.example_seed(cfg.seed, index, tag)
+    return seeding.example_seed(cfg.seed, index, tag)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -377,15 +379,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None,
                       on_step=on_step)
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world size)`` of the process group, ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sync_start(model: nn.Module) -> None:
     """Every rank starts from rank 0's weights and buffers (they are equal by seeding; this makes sure)."""
     import torch.distributed as dist
@@ -439,7 +432,7 @@ class _Checkpointer:
         self.sums = {"loss": 0.0, "correct": 0, "seen": 0}
         self.history: list[dict] = []
         self.mutating = False  # True inside a step: the model has moved past the recorded position
-        self.rank, self.world = _world()  # only rank 0 writes the checkpoint
+        self.rank, self.world = distributed.world()  # only rank 0 writes the checkpoint
 
     def restore(self) -> None:
         """Continue the run saved at ``out``: weights, optimizer, global RNG, position, sums, history."""
@@ -500,11 +493,11 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
     idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][ck.rank::ck.world]  # this rank's share
     x, y, ids = train_ds.images[idx], train_ds.labels[idx], train_ds.ids[idx]
     if cfg.augment:
-        x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, _TAG_AUG)))
+        x = augment_crop_flip(x, torch.Generator().manual_seed(_seed(cfg, t, seeding.TRAIN_AUGMENT)))
     x, y = x.to(device), y.to(device)
     eps_t = eps_at(cfg, t, ck.steps_per_epoch)
     ck.mutating = True
-    res = compute_loss(loss_cfg, ck.model, x, y, eps=eps_t, ids=ids, seed=_seed(cfg, t, _TAG_ATTACK))
+    res = compute_loss(loss_cfg, ck.model, x, y, eps=eps_t, ids=ids, seed=_seed(cfg, t, seeding.TRAIN_ATTACK))
     ck.opt.zero_grad(set_to_none=True)
     res.loss.backward()
     if ck.world > 1:
@@ -533,7 +526,7 @@ def _end_of_epoch(cfg: TrainConfig, ck: _Checkpointer, heldout, epoch: int, lr: 
               "train_seconds": time.perf_counter() - started}
     if heldout is not None and len(heldout) and ck.rank == 0:
         record.update(heldout_check(ck.model, heldout, cfg.eps, steps=cfg.eval_steps,
-                                    seed=_seed(cfg, epoch, _TAG_EVAL), device=device))
+                                    seed=_seed(cfg, epoch, seeding.TRAIN_EVAL), device=device))
     ck.history.append(record)
     ck.position.update(epoch=epoch + 1, step_in_epoch=0)
     ck.save(finished=epoch + 1 == cfg.epochs)
@@ -557,15 +550,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
     it (or a Ctrl-C) saves the checkpoint at that step boundary and propagates.
     """
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    from robusteval.progress import make as make_progress
+    from robusteval import progress as progress_bars
 
     out = Path(out)
     check_writable(out)  # before any data loading or training step
@@ -597,9 +583,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
         echo(f"{out}: already trained for {start_epoch} epochs (`epochs` {cfg.epochs}); nothing to do")
         return ck.metrics()
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    bar = make_progress(*columns, console=console, disable=not progress)
+    bar = progress_bars.bar(progress, info=True)
     with _DeferredInterrupt(echo) as interrupt, bar:
         try:
             for epoch in range(start_epoch, cfg.epochs):
@@ -610,7 +594,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
                 if first == 0:
                     ck.sums = {"loss": 0.0, "correct": 0, "seen": 0}
                 order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
-                    _seed(cfg, epoch, _TAG_ORDER)))
+                    _seed(cfg, epoch, seeding.TRAIN_ORDER)))
                 task = bar.add_task(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
                                     completed=first, info="")
                 started = time.perf_counter()
