@@ -24,7 +24,7 @@ Pieces, each a small value you can swap:
   batteries ``standard`` and ``paper`` (:data:`BATTERIES`, :func:`expand`).
 
 The package name is generic; it ships inside the ``robusteval`` distribution and is not published on
-its own. Design and sources: docs/architecture.md and docs/algorithms.md in the repository.
+its own. Design and sources: docs/design.md and docs/methods.md in the repository.
 """
 
 from . import seeding

@@ -1,5 +1,5 @@
 """The one attack loop. Every named attack, the γ(ε, x) search and the LLR trainer's inner
-maximisation are configurations of :func:`run` (docs/architecture.md, "One loop").
+maximisation are configurations of :func:`run` (docs/design.md, "One loop").
 
 An :class:`Attack` is *objective × optimizer × schedule × threat × restarts* (the Optax / DeepMind
 decomposition). :func:`run` executes it with AutoAttack's evaluation semantics:
@@ -75,7 +75,7 @@ class _Best:
     Within a run the local copy is updated with ``torch.where`` (one pass over the batch per step);
     rows are written back to the global copy when they leave the active batch or the run ends.
     ``score`` ranks candidates: the untargeted margin for evasion (so multi-targeted picks its copy by
-    the untargeted margin, docs/algorithms.md "MultiTargeted"), the objective for maximisation.
+    the untargeted margin, docs/methods.md, "Targets"), the objective for maximisation.
     """
 
     x: torch.Tensor
@@ -372,7 +372,7 @@ def run(
     tiles ``k`` runs at a time.
     ``on_run(run_index, num_runs, num_unbroken)`` is called after each run (progress reporting).
 
-    Algorithm: docs/algorithms.md (the shared engine, targets) and docs/protocol.md (success, survivors,
+    Algorithm: docs/methods.md (the shared engine, targets) and docs/protocol.md (success, survivors,
     seeding).
     """
     _check_mode(model, allow_train_mode)

@@ -1,12 +1,12 @@
-"""Objectives: per-example values that an attack *maximises* (ARCHITECTURE principle 2).
+"""Objectives: per-example values that an attack *maximises* (docs/methods.md, "Objectives").
 
 Every objective is a small frozen value called as ``objective(logits, y, delta, aux) -> [N]``:
 ``logits`` at the current iterate, true labels ``y``, the current perturbation ``delta = x_adv − x``
 (attached to the graph, for objectives that depend on it) and ``aux``, a dict of per-example tensors
 (``"target"`` for targeted objectives; ``"loss0"`` and ``"grad0"`` for the linearity gap). Success is
-never decided here; the engine decides it from the logits (project decision 3).
+never decided here; the engine decides it from the logits (docs/protocol.md).
 
-Definitions follow ALGORITHMS.md §1 and DeepMind's IBP library (``_maximize_margin`` etc.).
+Definitions follow DeepMind's IBP library (``_maximize_margin`` etc.).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class LinearityGap(ObjectiveBase):
     ``∇ₓℓ(x)`` are computed once per batch by :meth:`prepare`, or supplied by the caller in ``aux``
     (``loss0``, ``grad0``), as the LLR trainer does with its nominal-batch quantities.
     ``grad_mode="deepmind"`` stops the gradient through δ in the linear term, as DeepMind's
-    ``local_linearity`` does (ALGORITHMS.md §2(d)3, pitfall 8); ``"exact"`` keeps it.
+    ``local_linearity`` does; ``"exact"`` keeps it.
     """
 
     grad_mode: str = "deepmind"
@@ -126,7 +126,8 @@ class LinearityGap(ObjectiveBase):
             raise ValueError("grad_mode must be 'deepmind' or 'exact'")
 
     def loss_and_grad(self, model, x, y):
-        """Per-example ``ℓ(x)`` and ``∇ₓℓ(x)`` (the gradient of the *sum*, pitfall 4), detached."""
+        """Per-example ``ℓ(x)`` and ``∇ₓℓ(x)`` (the gradient of the *sum*: the gradient of a mean would
+        shrink δᵀ∇ℓ by the batch size), detached."""
         with torch.enable_grad():
             x0 = x.detach().requires_grad_(True)
             loss = self.loss(model(x0), y)

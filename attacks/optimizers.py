@@ -53,7 +53,7 @@ class Adam(GradientStep):
     """Adam on the perturbation: β = (0.9, 0.999), ε = 1e-9, bias-corrected, fresh state per restart.
 
     DeepMind's ``UnrolledAdam`` (IBP ``attacks.py``; LLR supplementary F.1: "we do the update steps
-    using Adam"); ALGORITHMS.md §1. The arithmetic follows ``torch.optim.Adam``'s single-tensor path
+    using Adam"). The arithmetic follows ``torch.optim.Adam``'s single-tensor path
     operation for operation, so it matches ``torch.optim.Adam(eps=1e-9)`` step for step (tested).
     The moments are not reset when the iterate is clipped.
     """

@@ -1,4 +1,4 @@
-"""Named attacks with the LLR paper's defaults (supplementary F.1, F.4; docs/algorithms.md).
+"""Named attacks with the LLR paper's defaults (supplementary F.1, F.4; docs/methods.md).
 
 | preset            | optimizer | steps | schedule                        | restarts | objective            |
 |-------------------|-----------|-------|---------------------------------|----------|----------------------|
@@ -69,7 +69,7 @@ def random_targeted(threat: LinfBall) -> Attack:
 
 def multi_targeted(threat: LinfBall) -> Attack:
     """MultiTargeted (Gowal et al. 2019) as in the LLR paper: z_t − z_y, Adam 0.1, 200 steps, 20 restarts
-    cycling round-robin over the wrong classes ranked by clean margin (docs/algorithms.md)."""
+    cycling round-robin over the wrong classes ranked by clean margin (docs/methods.md)."""
     return Attack("multi-targeted", O.TargetedMargin(), adam(), constant(0.1), _linf(threat),
                   200, 20, targets=RankedTargets())
 
@@ -93,7 +93,7 @@ def square(threat: LinfBall) -> Attack:
 
 
 def local_linearity(threat: LinfBall, grad_mode: str = "deepmind") -> Attack:
-    """The γ(ε, x) search: maximise g(δ; x) with 50 Adam steps of size 0.1 (LLR F.4; docs/algorithms.md,
+    """The γ(ε, x) search: maximise g(δ; x) with 50 Adam steps of size 0.1 (LLR F.4; docs/methods.md,
     "Local linearity")."""
     return Attack("local-linearity", O.LinearityGap(grad_mode), adam(), constant(0.1), _linf(threat),
                   50, 1, tracking=Maximize())

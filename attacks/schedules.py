@@ -2,7 +2,7 @@
 
 Boundaries are fractions of the run, so the paper's "0.1 until step 100, 0.01 until 150, 0.001 until
 200" (LLR supplementary F.1; IBP step-size string ``.1:.01@100:.001@150``) keeps its shape when the
-number of steps changes (ALGORITHMS.md, project decision 2). A schedule may be *relative*: its values
+number of steps changes (docs/methods.md, "Schedules"). A schedule may be *relative*: its values
 are then multiplied by ε (FGSM-20's ε/10, or ``--step-size 0.25eps``).
 """
 

@@ -22,7 +22,7 @@ class LinfBall:
     lies in ``bounds`` exactly, and ``|x_adv - x| ≤ eps`` up to one rounding of ``x ± eps``.
 
     Projection order (clip to ±ε, then to the box) follows DeepMind's IBP ``_project_perturbation``
-    (ALGORITHMS.md §1, pitfall 3). Units: [0, 1] pixel space (project decision 1).
+    (docs/methods.md, "Threat models and projection"). Units: [0, 1] pixel space.
     """
 
     eps: float
@@ -59,7 +59,7 @@ class LinfBall:
         """Uniform random start ``x + U(-eps, eps)``, projected (IBP ``random_init=1``).
 
         ``generators`` holds one CPU ``torch.Generator`` per row of ``x``: each example's noise depends
-        only on its own generator, never on the batch it is in (project decision 6). The noise is drawn
+        only on its own generator, never on the batch it is in (:mod:`attacks.seeding`). The noise is drawn
         on the CPU and moved, so starts are identical on every device.
         """
         if len(generators) != x.shape[0]:

@@ -1,4 +1,4 @@
-"""Every GPU measurement of issue 12 in one command, then the ``gpu``-marked tests.
+"""Every GPU measurement in one command, then the ``gpu``-marked tests.
 
     PYTHONPATH=. python3 benchmarks/gpu.py --out "$OUT"          # a few minutes on an H100/H200
 

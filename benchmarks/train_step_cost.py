@@ -1,4 +1,4 @@
-"""Cost of one training step of each method, as a ratio to one nominal step (issue 3).
+"""Cost of one training step of each method, as a ratio to one nominal step.
 
 A "step" is what :func:`robusteval.training.train` does per batch: :func:`compute_loss` (including the
 inner maximisation through ``attacks.run``), ``backward()`` and an SGD update, with the model in train
@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # as the trainer (ALGORITHMS decision 11)
+        torch.backends.cuda.matmul.allow_tf32 = False  # as the trainer (docs/protocol.md)
         torch.backends.cudnn.allow_tf32 = False
 
     configs = [("small_cnn", (1, 28, 28), args.cnn_batch, 0.1)]

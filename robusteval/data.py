@@ -1,7 +1,7 @@
 """Datasets by name, as [0, 1] float tensors with stable example ids.
 
 :func:`load_dataset` returns a :class:`Dataset`: ``images`` ``[N, C, H, W]`` float32 in [0, 1] (never
-normalised — normalisation is a layer inside the model, ALGORITHMS.md decision 1), ``labels`` and
+normalised — normalisation is a layer inside the model, docs/protocol.md "Units"), ``labels`` and
 ``ids`` (the index in the official split, so records from different runs and slices line up).
 
 Names: ``fashion-mnist``, ``mnist`` (IDX files read directly with numpy), ``cifar10``, ``cifar100``
@@ -16,7 +16,7 @@ package puts its four ``.gz`` files flat there); it is downloaded (torchvision) 
 1,000 images (``robusteval/zoo/fmnist_test_1000.npz``; ``Dataset.bundled`` says so). Missing data is a
 :class:`UserError` naming the paths tried and how to get the data.
 
-Also here: :func:`augment_crop_flip` (CIFAR training augmentation, ALGORITHMS.md 6.3) and
+Also here: :func:`augment_crop_flip` (CIFAR training augmentation) and
 :func:`iterate_batches`.
 """
 
@@ -217,7 +217,7 @@ def iterate_batches(
     """Yield ``(images, labels, ids)`` slices of ``batch_size``.
 
     With ``shuffle`` the order is a permutation drawn from ``generator`` (required, so the order is
-    reproducible — randomness is an argument, ARCHITECTURE.md principle 4).
+    reproducible — randomness is an argument, never global state).
     """
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
@@ -239,7 +239,7 @@ def augment_crop_flip(
 ) -> torch.Tensor:
     """Random ``padding``-pixel-padded crop and random horizontal flip, independently per image.
 
-    The CIFAR training augmentation of LLR-DM (ALGORITHMS.md 6.3: reflect-pad 4, random 32×32 crop,
+    The CIFAR training augmentation of DeepMind's LLR code (reflect-pad 4, random 32×32 crop,
     horizontal flip; ``padding_mode="zeros"`` gives the common zero-padded variant). ``x`` is
     ``[N, C, H, W]``; draws come from ``generator`` (on its own device) and nothing else.
     """
@@ -433,6 +433,8 @@ def load_dataset(
     the file is ``data_dir``). See the module docstring for the search order; missing data is a
     :class:`UserError` that names every path tried and how to get the data.
     """
+    # Long: one place decides where a dataset comes from (user file, data_dir, $ROBUSTEVAL_DATA, system
+    # copy, download, bundled subset), so every command finds data the same way.
     key = canonical_name(name)
     if key.startswith("npz:") or key.endswith(".npz"):
         return load_npz(name[4:] if key.startswith("npz:") else name, n=n, offset=offset)
@@ -523,6 +525,7 @@ def load_npz(path: str | os.PathLike, n: int | None = None, offset: int = 0) -> 
     ``[N, H, W, C]`` with C in {1, 3}), ``y`` or ``labels`` (non-negative integers, length N); optional
     ``ids`` (default 0..N−1) and ``classes`` (strings). Anything else is a :class:`UserError`.
     """
+    # Long: one check per defect a user's file can have, each with its own one-line message.
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"npz file not found: {path}")

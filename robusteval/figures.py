@@ -6,8 +6,8 @@
 * :func:`perturbation_figure` — original, adversarial image and the scaled perturbation with the true,
   predicted and adversarial labels (Figures F2 and F4).
 
-Everything here is a pure function of tables or tensors already computed (ARCHITECTURE principle 7), so a
-figure can be redrawn from ``gamma.csv`` or a surface CSV without rerunning a model.
+Everything here is a pure function of tables or tensors already computed (docs/records.md: records are the
+one result format), so a figure can be redrawn from ``gamma.csv`` or a surface CSV without rerunning a model.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ and show (Proposition 4.1, supplementary B) that for *every* δ in the ball
 |ℓ(x+δ) − ℓ(x)| ≤ |δᵀ∇ₓℓ(x)| + γ(ε, x).
 
 * :func:`gamma` estimates γ per example with the attack engine's ``local-linearity`` preset (50 Adam
-  steps of size 0.1 from a uniform start, supplementary F.4; ALGORITHMS.md §5) — no second ascent loop
-  lives here (ARCHITECTURE principle 1). It runs in fp32 with TF32 off and autocast disabled (project
-  decision 11, pitfall 9), with batch norm in eval mode or, with ``bn="nominal"``, normalising every
-  forward with the nominal batch's statistics as the LLR trainer does (decision 12).
+  steps of size 0.1 from a uniform start, supplementary F.4; docs/methods.md, "Local linearity") —
+  no second ascent loop lives here (docs/design.md, "One loop"). It runs in fp32 with TF32 off and
+  autocast disabled (docs/protocol.md, "Numerics of γ and LLR"), with batch norm in eval mode or, with
+  ``bn="nominal"``, normalising every forward with the nominal batch's statistics as the LLR trainer
+  does (docs/protocol.md, "Batch norm").
 * :func:`prop41_check` tests the proposition on the δ found by any attack: a violation proves that the
   estimated γ is too small (the search is a lower bound on the true maximum).
 * :func:`loss_surface` evaluates ℓ on the plane spanned by an adversarial and a random sign direction
@@ -48,9 +49,10 @@ cross_entropy = attacks.per_example_cross_entropy
 def _bn_context(model: torch.nn.Module, bn: str, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn):
     """Yield ``(loss0, grad0)`` at the nominal point with the requested batch-norm convention active.
 
-    ``eval``: running statistics (post-hoc measurement; the default, decision 12). ``nominal``: the
+    ``eval``: running statistics (post-hoc measurement; the default). ``nominal``: the
     statistics of the nominal batch ``x`` normalise every forward pass (the LLR trainer's convention,
-    ALGORITHMS.md §6.2), so the measured γ is the one the regulariser saw; ``∇ℓ(x)`` then includes the
+    docs/methods.md, "LLR training"), so the measured γ is the one the regulariser saw; ``∇ℓ(x)`` then
+    includes the
     coupling through the batch statistics, as in DeepMind's ``local_linearity``. Running statistics are
     never updated.
     """
@@ -58,7 +60,7 @@ def _bn_context(model: torch.nn.Module, bn: str, x: torch.Tensor, y: torch.Tenso
         with eval_mode(model):
             yield _loss_and_grad(model, x, y, loss_fn)
         return
-    from robusteval.training.batchnorm import BatchNormReplay, batchnorm_modules  # ALGORITHMS.md 6.2
+    from robusteval.training.batchnorm import BatchNormReplay, batchnorm_modules
 
     # The capture pass updates running statistics (the trainer wants that once per step); a measurement
     # must leave the model untouched, so the buffers are restored afterwards.
@@ -76,7 +78,7 @@ def _bn_context(model: torch.nn.Module, bn: str, x: torch.Tensor, y: torch.Tenso
 
 
 def _loss_and_grad(model, x, y, loss_fn):
-    """Per-example ℓ(x) and ∇ₓℓ(x) (gradient of the sum, pitfall 4), as the engine computes them."""
+    """Per-example ℓ(x) and ∇ₓℓ(x) (the gradient of the sum), as the engine computes them."""
     return attacks.LinearityGap(loss=loss_fn).loss_and_grad(model, x, y)
 
 
@@ -118,7 +120,7 @@ def _check_fp32(model) -> None:
     bad = {str(t.dtype) for t in [*model.parameters(), *model.buffers()]
            if t.is_floating_point() and t.dtype != torch.float32}
     if bad:
-        raise ValueError(f"γ is measured in fp32 (pitfall 9); the model has {', '.join(sorted(bad))} "
+        raise ValueError(f"γ is measured in fp32; the model has {', '.join(sorted(bad))} "
                          "tensors — call model.float()")
 
 
@@ -141,9 +143,9 @@ def gamma(
 
     The search is the engine's ``local-linearity`` preset: Adam with step ``step_size`` (paper: 0.1,
     absolute pixel units) for ``steps`` (paper: 50) from a uniform start, ``restarts`` independent starts,
-    keeping the best iterate (supplementary F.4; ALGORITHMS.md §5). The result is a *lower bound* on the
+    keeping the best iterate (supplementary F.4; docs/methods.md). The result is a *lower bound* on the
     true γ. ``grad_mode="deepmind"`` stops the gradient through δ in the linear term as DeepMind's code
-    does (pitfall 8); ``"exact"`` ascends the true gradient of g. ``bn``: ``"eval"`` (running statistics)
+    does; ``"exact"`` ascends the true gradient of g. ``bn``: ``"eval"`` (running statistics)
     or ``"nominal"`` (the nominal batch's statistics, as in LLR training — then γ depends on the batch).
     ``loss_fn(logits, y) -> [N]`` replaces cross-entropy (for analytic tests); ``relative_step=True`` reads
     ``step_size`` in units of ε. Random starts come from
@@ -164,7 +166,7 @@ def gamma(
     attack = attacks.get("local-linearity", eps, steps=steps, restarts=restarts, step_size=step_size,
                          relative_step=relative_step, objective=attacks.LinearityGap(grad_mode, loss_fn))
     with strict_fp32(device), eval_mode(model), torch.no_grad():
-        clean_logits = model(x)  # clean accuracy is always judged in eval mode (decision 3)
+        clean_logits = model(x)  # clean accuracy is always judged in eval mode (docs/protocol.md)
     with strict_fp32(device), _bn_context(model, bn, x, y, loss_fn) as (loss0, grad0):
         res = attacks.run(attack, model, x, y, ids=ids, seed=seed, aux={"loss0": loss0, "grad0": grad0})
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """The evaluation runner: an :class:`~robusteval.evaluation.Evaluation` → verified per-example records.
 
 :func:`evaluate` runs the evaluation protocol of the LLR paper's robustness tables (Qin et al. 2019,
-Tables 1-3 and supplementary F3/F4) with AutoAttack's semantics, in stages (docs/architecture.md,
+Tables 1-3 and supplementary F3/F4) with AutoAttack's semantics, in stages (docs/design.md,
 "Stages of an evaluation"; the protocol itself: docs/protocol.md):
 
 1. **select** the models (unique display names) and the data (the first ``n`` examples, this shard);

@@ -1,6 +1,6 @@
 """Where and how a model runs: the device choice, a model's device, and the eval-mode guard.
 
-One home for each (issue 9): the runner, γ, the trainer and the CLI all use these.
+One home for each: the runner, γ, the trainer and the CLI all use these.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def strict_fp32(device: torch.device | str = "cpu") -> Iterator[None]:
     """fp32 with TF32 off and autocast disabled for the block; previous settings restored after.
 
     γ is a small difference of O(1) numbers (ℓ(x+δ) − ℓ(x) − δᵀ∇ℓ): TF32's 10-bit mantissa or fp16
-    autocast would swamp it; the LLR trainer's double backprop likewise (ALGORITHMS.md decision 11,
-    pitfall 9). The global TF32 flags are restored on exit, so a library call never leaves them changed.
+    autocast would swamp it; the LLR trainer's double backprop likewise (docs/protocol.md,
+    "Numerics of γ and LLR"). The global TF32 flags are restored on exit, so a library call never leaves them
+    changed.
     """
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     old = (matmul.allow_tf32, cudnn.allow_tf32)

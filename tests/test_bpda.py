@@ -1,4 +1,4 @@
-"""BPDA (issue 10): zero-gradient operations pass gradients straight through; forward values unchanged."""
+"""BPDA: zero-gradient operations pass gradients straight through; forward values unchanged."""
 
 from __future__ import annotations
 

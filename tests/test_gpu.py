@@ -1,4 +1,4 @@
-"""GPU agreement (issue 12): run on the GPU machine with ``python3 -m pytest -m gpu tests/test_gpu.py``.
+"""GPU agreement: run on the GPU machine with ``python3 -m pytest -m gpu tests/test_gpu.py``.
 
 The success flags of a fixed small run on CUDA must equal the CPU's, except at points whose fp32
 margin is within 1e-4 of 0 (float rounding differs between devices); the count is printed.

@@ -1,4 +1,5 @@
-"""Architectures: the registry sweep, parameter counts from ALGORITHMS.md 2(e), normalisation inside."""
+"""Architectures: the registry sweep, parameter counts from docs/methods.md ("Models"), normalisation
+inside."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): every user mistake and fault is one clear line with the right exit status, no
+"""Reliability: every user mistake and fault is one clear line with the right exit status, no
 file is ever damaged by a reader, and nothing that differs is merged into one number.
 
 The CLI cases are one table (:data:`CASES`): a new case is one entry. Each entry builds its arguments

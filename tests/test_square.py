@@ -1,4 +1,4 @@
-"""Square (issue 10): the gradient-free member of the engine — feasible, within its query budget,
+"""Square: the gradient-free member of the engine — feasible, within its query budget,
 deterministic whatever the batch, and able to break a model whose gradients are zero everywhere."""
 
 from __future__ import annotations

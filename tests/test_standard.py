@@ -1,5 +1,5 @@
 """The `standard` battery and its parts: APGD's step-size rule, linearised target ranking, diverse
-starts — analytic cases first, then strength on a real model and the CLI default (issue 11)."""
+starts — analytic cases first, then strength on a real model and the CLI default."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def test_cli_default_runs_standard_and_prints_one_column_per_member(tmp_path):
     assert "Untargeted" not in res.output
 
 
-# ------------------------------------------------------------------ cadence and precision (issue 12)
+# ------------------------------------------------------------------------- cadence and precision
 
 
 @pytest.mark.parametrize("preset", ["untargeted", "apgd-t", "multi-targeted"])

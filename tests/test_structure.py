@@ -177,3 +177,93 @@ def test_library_errors_name_arguments_and_the_cli_words_them_as_flags():
                          if isinstance(c, ast.Constant) and isinstance(c.value, str)]
                 quoted += [f"{path.name}: {t}" for t in texts if re.search(r"(^|\s)--[a-z]", t)]
     assert quoted == []
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_imports(path: Path, package: str) -> set[str]:
+    """Every module a module imports, at the top or inside a function (a deferred import is still a
+    dependency: two modules that import each other lazily are still one concept in two homes)."""
+    names = set()
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + [base]).strip(".")
+            names.add(base)
+            names |= {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_import_cycle():
+    paths = [p for p in [*(ROOT / "attacks").rglob("*.py"), *(ROOT / "robusteval").rglob("*.py")]]
+    modules = {_module_name(p): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = {d for d in _project_imports(path, package) if d in modules and d != name}
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}  # a package imports its parts
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " → ".join([*trail[trail.index(dep):], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+_DOC_REF = re.compile(r"docs/([a-z]+\.md)(?:,? \"([^\"]+)\")?")
+
+
+def test_every_reference_points_inside_the_repository():
+    text_files = [*ROOT.glob("*.md"), *ROOT.glob("Makefile"), *(ROOT / ".ci").glob("*"), *ROOT.glob("*.toml")]
+    for folder in ("attacks", "robusteval", "tests", "benchmarks", "docs"):
+        text_files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".txt")]
+    outside = re.compile(r"ALGORITHMS\.md|ARCHITECTURE\.md|STRENGTH\.md|[Dd]ecision [0-9]|[Pp]itfall [0-9]|"
+                         r"shared/design|shared/reference")
+    issue = re.compile(r"[Ii]ssue [0-9]")
+    found = []
+    for p in text_files:
+        text = p.read_text(errors="replace")
+        if p.name == "test_structure.py":
+            continue
+        found += [f"{p.relative_to(ROOT)}: {m.group(0)}" for m in outside.finditer(text)]
+        if p.relative_to(ROOT) != Path("docs/history.md"):
+            found += [f"{p.relative_to(ROOT)}: {m.group(0)}" for m in issue.finditer(text)]
+        for m in _DOC_REF.finditer(text):  # every docs/ reference names a page and a section that exist
+            page = ROOT / "docs" / m.group(1)
+            assert page.is_file(), f"{p.relative_to(ROOT)} points to a missing {m.group(0)}"
+            if m.group(2):
+                headings = [line.lstrip("#").strip() for line in page.read_text().splitlines()
+                            if line.startswith("#")]
+                where = p.relative_to(ROOT)
+                assert m.group(2) in headings, f"{where}: no section {m.group(2)!r} in {page.name}"
+    assert found == []
+    assert "docs/README.md" in (ROOT / "README.md").read_text()
+
+
+def test_long_functions_say_why():
+    """No function in robusteval/ is over 60 lines unless a ``# Long:`` comment in it says why."""
+    long = []
+    for path in (ROOT / "robusteval").rglob("*.py"):
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = source[node.lineno - 1:node.end_lineno]
+                if len(body) > 60 and not any(line.strip().startswith("# Long:") for line in body):
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({len(body)} lines)")
+    assert long == []

@@ -142,6 +142,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
       robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
     """
+    # Long: the options map one to one onto the fields of an Evaluation, and the help text is long.
     from robusteval import distributed, runner
     from robusteval.evaluation import Budget, Evaluation
 

@@ -15,7 +15,7 @@ _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 def parse_eps(text: str, scale: float = 1.0) -> float:
     """Parse an ε given on the command line: ``8/255``, ``0.031`` or ``8`` (with ``scale=255``).
 
-    The result is in [0, 1] pixel units (ALGORITHMS.md, project decision 1). Anything else —
+    The result is in [0, 1] pixel units (docs/protocol.md, "Units"). Anything else —
     a negative value, NaN, a division by zero, a value above 1 after scaling — is a
     :class:`UserError`.
     """

@@ -62,7 +62,8 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
 @click.option("--nominal-weight", type=float, default=None, help="LLR weight of mean ℓ(x) [default: 2].")
 @click.option("--trades-beta", type=float, default=None, help="TRADES β [default: 6].")
 @click.option("--grad-mode", type=click.Choice(["deepmind", "exact"]), default=None,
-              help="LLR linearity-search gradient (ALGORITHMS pitfall 8) [default: deepmind].")
+              help="LLR linearity-search gradient: deepmind stops the gradient through δ in the linear term "
+              "(DeepMind's code), exact differentiates it [default: deepmind].")
 @click.option("--augment/--no-augment", default=None, help="Random crop + flip [default: on for CIFAR].")
 @click.option("--seed", type=int, default=None, help="[default: 0].")
 @click.option("--n-train", type=int, default=None, help="Train on the first N images only (quick runs).")
@@ -83,8 +84,8 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
 def train_command(ctx, method, out, quiet, resume, overwrite, download, threads, eps_scale, **opts):
     """Train a model with nominal, adversarial (PGD-k), TRADES or LLR training and save a checkpoint.
 
-    LLR is Qin et al. 2019 (ALGORITHMS.md 6): w·ℓ(x) + λ·g(δ;x) + μ·|δᵀ∇ℓ(x)|, δ from M inner Adam
-    steps. Defaults are the paper's CIFAR-10 hyper-parameters (supplementary F.2) or documented
+    LLR is Qin et al. 2019 (docs/methods.md, "LLR training"): w·ℓ(x) + λ·g(δ;x) + μ·|δᵀ∇ℓ(x)|, δ from M inner
+    Adam steps. Defaults are the paper's CIFAR-10 hyper-parameters (supplementary F.2) or documented
     Fashion-MNIST ones. A checkpoint is written after every epoch and on Ctrl-C; --resume continues it
     bit for bit. An existing --out is never replaced unless --overwrite. Progress goes to stderr; the
     checkpoint path and final metrics to stdout.

@@ -1,6 +1,6 @@
 """Checkpoints: the robusteval format, and safe loading of everything else a user may hand us.
 
-The robusteval checkpoint is a plain dict (ARCHITECTURE.md, "Models and checkpoints")::
+The robusteval checkpoint is a plain dict::
 
     {"format": "robusteval-checkpoint", "format_version": 1, "arch": "wrn28_8",
      "arch_kwargs": {"activation": "softplus"}, "dataset": "cifar10",
@@ -102,9 +102,10 @@ class ExportedModel(nn.Module):
     forwarding it.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, batch: int | None = None):
         super().__init__()
         self.program = module
+        self.batch = batch  # a program exported with a static batch dimension runs at exactly this size
         for m in module.modules():
             object.__setattr__(m, "training", False)
         self.training = False
@@ -114,7 +115,20 @@ class ExportedModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
+        if self.batch is None or len(x) == self.batch:
+            return self.program(x)
+        # Fixed-size program: run ``batch`` rows at a time, the last block padded with copies of its last
+        # row (dropped from the output). Slicing and concatenation keep the gradient to every input row.
+        if len(x) == 0:
+            return self.program(torch.zeros((self.batch, *x.shape[1:]), dtype=x.dtype, device=x.device))[:0]
+        out = []
+        for start in range(0, len(x), self.batch):
+            block = x[start:start + self.batch]
+            short = self.batch - len(block)
+            if short:
+                block = torch.cat([block, block[-1:].expand(short, *block.shape[1:])])
+            out.append(self.program(block)[: self.batch - short])
+        return torch.cat(out)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -420,9 +434,14 @@ def _fit_state_dict(model: nn.Module, state: dict, arch: str) -> tuple[dict, str
     return state, norm_source
 
 
-def _build(arch: str, arch_kwargs: dict, state: dict):
+def _build(arch: str, arch_kwargs: dict, state: dict, path: Path | None = None):
     spec = get_arch(arch)
-    model = create_model(arch, **arch_kwargs)
+    try:
+        model = create_model(arch, **arch_kwargs)
+    except (TypeError, ValueError) as exc:
+        where = f"{path}: " if path is not None else ""
+        raise UserError(f"{where}architecture options {arch_kwargs} do not fit {arch!r} "
+                        f"({str(exc).splitlines()[0][:120]})") from None
     state, norm_source = _fit_state_dict(model, state, arch)
     model.load_state_dict(state, strict=False)  # strictness was checked, with a readable message
     return model, spec, norm_source
@@ -441,85 +460,130 @@ def load_model(
     digest = sha256_file(path)
     kind = _sniff(path)
     meta: dict = {"name": zoo_name} if zoo_name else {}
-
     if kind == "export":
-        _check_export_archive(path)
-        try:
-            program = torch.export.load(path)
-        except Exception as exc:  # noqa: BLE001 — any failure here means "not a loadable program"
-            raise UserError(f"{path}: cannot load the torch.export program ({exc})") from None
-        if torch.device(device).type != "cpu":
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, torch.device(device))
-        shapes = [
-            n.meta["val"].shape
-            for n in program.graph.nodes
-            if n.op == "placeholder" and n.name in program.graph_signature.user_inputs and "val" in n.meta
-        ]
-        meta.update(arch=None, note="train/eval behaviour fixed at export time")
-        if shapes:
-            meta["input_size"] = tuple(int(s) for s in shapes[0][1:])
-        return LoadedModel(ExportedModel(program.module()).eval(), meta, digest, "torch.export", path)
-
+        return LoadedModel(_load_export(path, meta, device), meta, digest, "torch.export", path)
     if kind == "torchscript":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit's deprecation notices
-                model = torch.jit.load(str(path), map_location=device)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{path}: cannot load the TorchScript archive ({exc})") from None
-        meta.update(arch=None)
-        return LoadedModel(model.eval(), meta, digest, "torchscript", path)
-
+        return LoadedModel(_load_torchscript(path, device), {**meta, "arch": None}, digest, "torchscript",
+                           path)
     if kind == "safetensors":
         obj = _load_safetensors(path)
-    elif kind != "pickle":
-        raise UserError(f"{path} {_NOT_A_MODEL}")
-    else:
+    elif kind == "pickle":
         obj = _torch_load(path)
-
+    else:
+        raise UserError(f"{path} {_NOT_A_MODEL}")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        version = obj.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise UserError(
-                f"{path}: checkpoint format version {version} is newer than this robusteval reads"
-            )
-        if arch is not None and arch != obj["arch"]:
-            raise UserError(f"{path} is a {obj['arch']!r} checkpoint, but arch {arch!r} was given")
-        model, spec, norm_source = _build(obj["arch"], dict(obj.get("arch_kwargs") or {}), obj["state_dict"])
-        meta.update({k: v for k, v in obj.items() if k != "state_dict"})
+        model, spec, norm_source = _from_checkpoint(path, obj, arch, meta)
         source = "robusteval-checkpoint"
     else:
-        # Common wrappers from other tools: {"state_dict": {...}} or {"model": {...}}.
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
-                obj = obj[key]
-                break
-        if not _is_state_dict(obj):
-            raise UserError(f"{path} {_NOT_A_MODEL}")
-        if arch is None:
-            raise UserError(
-                f"{path} is a plain state_dict; pass `arch`=NAME to say which architecture it belongs to "
-                f"(known: {', '.join(list_models())})"
-            )
-        model, spec, norm_source = _build(arch, dict(arch_kwargs or {}), obj)
-        meta.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}), dataset=None)
+        model, spec, norm_source = _from_state_dict(path, obj, arch, arch_kwargs, meta)
         source = "state_dict"
+    _describe(path, model, spec, norm_source, arch or meta.get("arch"), meta)
+    return LoadedModel(model.to(device).eval(), meta, digest, source, path)
+
+
+def _load_export(path: Path, meta: dict, device) -> nn.Module:
+    """A ``torch.export`` program (after :func:`_check_export_archive`), on ``device``; a program exported
+    with a fixed batch size runs at that size (:class:`ExportedModel`)."""
+    _check_export_archive(path)
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 — any failure here means "not a loadable program"
+        raise UserError(f"{path}: cannot load the torch.export program ({str(exc).splitlines()[0][:160]})") \
+            from None
+    if torch.device(device).type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(device))
+    shapes = [n.meta["val"].shape for n in program.graph.nodes
+              if n.op == "placeholder" and n.name in program.graph_signature.user_inputs and "val" in n.meta]
+    meta.update(arch=None, note="train/eval behaviour fixed at export time")
+    batch = None
+    if shapes:
+        meta["input_size"] = tuple(int(s) for s in shapes[0][1:])
+        if len(shapes[0]) and isinstance(shapes[0][0], int):  # a static batch dimension (export's default)
+            batch = int(shapes[0][0])
+            meta["fixed_batch"] = batch
+            warnings.warn(f"{path.name} was exported with a fixed batch of {batch} (no dynamic batch "
+                          f"dimension): robusteval runs it {batch} inputs at a time, padding the last batch",
+                          UserWarning, stacklevel=3)
+    return ExportedModel(program.module(), batch).eval()
+
+
+def _load_torchscript(path: Path, device) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+            model = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load the TorchScript archive ({str(exc).splitlines()[0][:160]})") \
+            from None
+    return model.eval()
+
+
+def _field(path: Path, obj: dict, key: str, kind, what: str, required: bool = True):
+    """A field of a robusteval checkpoint, of type ``kind``; a missing or mistyped one names the field."""
+    if key not in obj or obj[key] is None:
+        if required:
+            raise UserError(f"{path}: damaged robusteval checkpoint: its field {key!r} is missing")
+        return None
+    if not isinstance(obj[key], kind):
+        raise UserError(f"{path}: damaged robusteval checkpoint: its field {key!r} is "
+                        f"{type(obj[key]).__name__}, not {what}")
+    return obj[key]
+
+
+def _from_checkpoint(path: Path, obj: dict, arch: str | None, meta: dict):
+    """Build the model of a robusteval checkpoint; every field is checked before it is used."""
+    version = obj.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {version!r} is not one this robusteval reads "
+                        f"(1..{FORMAT_VERSION})")
+    name = _field(path, obj, "arch", str, "an architecture name")
+    kwargs = _field(path, obj, "arch_kwargs", dict, "a dict of architecture options", required=False) or {}
+    state = _field(path, obj, "state_dict", dict, "a dict of tensors")
+    if not _is_state_dict(state):
+        raise UserError(f"{path}: damaged robusteval checkpoint: its field 'state_dict' is not a dict of "
+                        "tensors")
+    for key in ("training", "metrics", "extra"):
+        _field(path, obj, key, dict, "a dict", required=False)
+    if arch is not None and arch != name:
+        raise UserError(f"{path} is a {name!r} checkpoint, but arch {arch!r} was given")
+    if name not in list_models():
+        raise UserError(f"{path}: its architecture {name!r} is not one robusteval knows "
+                        f"(known: {', '.join(list_models())})")
+    built = _build(name, dict(kwargs), state, path)
+    meta.update({k: v for k, v in obj.items() if k != "state_dict"})
+    return built
+
+
+def _from_state_dict(path: Path, obj, arch: str | None, arch_kwargs, meta: dict):
+    # Common wrappers from other tools: {"state_dict": {...}} or {"model": {...}}.
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+            obj = obj[key]
+            break
+    if not _is_state_dict(obj):
+        raise UserError(f"{path} {_NOT_A_MODEL}")
+    if arch is None:
+        raise UserError(f"{path} is a plain state_dict; pass `arch`=NAME to say which architecture it "
+                        f"belongs to (known: {', '.join(list_models())})")
+    built = _build(arch, dict(arch_kwargs or {}), obj, path)
+    meta.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}), dataset=None)
+    return built
+
+
+def _describe(path: Path, model: nn.Module, spec, norm_source: str, arch: str | None, meta: dict) -> None:
+    """What the records and checks need to know of a built model: normalisation, input size, classes."""
     norm = find_normalize(model)
     meta["normalization"] = norm.as_dict() if norm is not None else None
     if norm_source != "checkpoint":
         shown = {k: [round(float(v), 4) for v in vals] for k, vals in (meta["normalization"] or {}).items()}
-        which = arch or meta.get("arch")
-        warnings.warn(f"{path} has no normalisation layer; assuming {which}'s default input normalisation "
+        warnings.warn(f"{path} has no normalisation layer; assuming {arch}'s default input normalisation "
                       f"{shown or 'none'} — if the model was trained with another, its numbers will be wrong",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=3)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     size = tuple(spec.input_size)
-    meta.update(
-        normalization_source=norm_source,
-        input_size=(convs[0].in_channels, *size[1:]) if convs else size,
-        num_classes=linears[-1].out_features if linears else spec.num_classes,
-    )
-    return LoadedModel(model.to(device).eval(), meta, digest, source, path)
+    meta.update(normalization_source=norm_source,
+                input_size=(convs[0].in_channels, *size[1:]) if convs else size,
+                num_classes=linears[-1].out_features if linears else spec.num_classes)

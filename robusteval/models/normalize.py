@@ -1,13 +1,13 @@
 """Input normalisation as the first layer of every model.
 
-Attacks, ε, step sizes and ∇ₓℓ all live in [0, 1] pixel units (ALGORITHMS.md, project decision 1 and
-section 1). If normalisation happened in the data loader instead, every one of those quantities would
-silently change scale by 1/std (ALGORITHMS.md pitfall 1), so every architecture in the registry starts
+Attacks, ε, step sizes and ∇ₓℓ all live in [0, 1] pixel units (docs/protocol.md, "Units"). If
+normalisation happened in the data loader instead, every one of those quantities would silently change
+scale by 1/std, so every architecture in the registry starts
 with a :class:`Normalize` layer and every model takes [0, 1] images.
 
 :data:`NORMALIZATIONS` holds the per-dataset constants. CIFAR-10 uses the LLR constants
-(125.3, 123.0, 113.9)/255 and (63.0, 62.1, 66.7)/255 from DeepMind's LLR code (ALGORITHMS.md 2(e),
-pitfall 19), not the common 0.4914/0.2470 sets; MNIST-like data and ImageNet use ``2x − 1`` as in
+(125.3, 123.0, 113.9)/255 and (63.0, 62.1, 66.7)/255 from DeepMind's LLR code (docs/methods.md,
+"Models"), not the common 0.4914/0.2470 sets; MNIST-like data and ImageNet use ``2x − 1`` as in
 LLR-DM and the released TF-Hub models.
 """
 
@@ -24,7 +24,7 @@ _HALF = (0.5, 0.5, 0.5)
 
 #: name -> (mean, std), per channel, applied to [0, 1] inputs as ``(x - mean) / std``.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    # LLR-DM datasets.py / TF-Hub local-linearity/cifar10 (ALGORITHMS.md 2(e)).
+    # DeepMind's LLR code and its released CIFAR-10 model.
     "cifar10": (
         (125.3 / 255, 123.0 / 255, 113.9 / 255),
         (63.0 / 255, 62.1 / 255, 66.7 / 255),
@@ -32,7 +32,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # Commonly used CIFAR-100 / SVHN training-set statistics (no LLR reference exists for these).
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    # 2x - 1: LLR-DM MNIST and the TF-Hub ImageNet model (ALGORITHMS.md 2(e)).
+    # 2x - 1: DeepMind's LLR MNIST setting and the released ImageNet model.
     "mnist": ((0.5,), (0.5,)),
     "fashion-mnist": ((0.5,), (0.5,)),
     "imagenet": (_HALF, _HALF),

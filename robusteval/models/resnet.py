@@ -2,7 +2,7 @@
 
 He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016), as built by
 ``torchvision.models``; never with downloaded weights. The LLR paper's ImageNet model is a ResNet-152
-(ALGORITHMS.md 2(e)); its TF-Hub release takes [0, 1] inputs normalised as ``2x − 1``, which is the
+(docs/methods.md, "Models"); its TF-Hub release takes [0, 1] inputs normalised as ``2x − 1``, which is the
 default here. Weights trained with torchvision's own recipe need ``normalization="torchvision-imagenet"``.
 The wrapped network is ``.net``, so a torchvision state_dict maps to ours by the prefix ``net.``.
 """

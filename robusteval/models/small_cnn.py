@@ -4,7 +4,8 @@ Layout: ``Normalize → [conv3×3(32) → BN → act → maxpool2] → [conv3×3
 [conv3×3(64, stride 2) → BN → act] → flatten(64·4·4) → linear(128) → act → linear(classes)``,
 about 190k parameters. The batch-norm layers are standard ``nn.BatchNorm2d`` on purpose: this is the
 model the tests and the CPU demo train, so the trainer's batch-norm capture/replay
-(ALGORITHMS.md 6.2) is exercised on it. Convolutions before a BN carry no bias (BN's offset replaces it).
+(docs/methods.md, "LLR training") is exercised on it. Convolutions before a BN carry no bias (BN's offset
+replaces it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Wide-ResNets in the layout of DeepMind's LLR code (ALGORITHMS.md 2(e), pitfall 17).
+"""Wide-ResNets in the layout of DeepMind's LLR code (docs/methods.md, "Models").
 
 WRN-d-k (Zagoruyko & Komodakis 2016) as re-implemented in ``local_linearity_regularizer/wide_resnet.py``
 for Qin et al., "Adversarial Robustness through Local Linearization" (NeurIPS 2019):

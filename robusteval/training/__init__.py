@@ -1,8 +1,8 @@
-"""The reference trainer (issue 3): nominal, adversarial (ADV-k), TRADES and LLR (Qin et al. 2019).
+"""The reference trainer: nominal, adversarial (ADV-k), TRADES and LLR (Qin et al. 2019).
 
-* :mod:`.batchnorm` — :class:`BatchNormReplay`, batch-norm capture/replay for LLR (ALGORITHMS.md 6.2);
+* :mod:`.batchnorm` — :class:`BatchNormReplay`, batch-norm capture/replay for LLR (docs/methods.md);
 * :mod:`.losses` — :func:`compute_loss` and the four losses; every inner maximisation runs through
-  :func:`attacks.run` (ARCHITECTURE principle 1);
+  :func:`attacks.run` (docs/design.md, "One loop");
 * :mod:`.trainer` — :func:`make_config`, :func:`train` (SGD, ε ramp, checkpoints, exact resume,
   held-out PGD-50 evaluation), used by ``robusteval train``.
 """

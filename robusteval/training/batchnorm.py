@@ -1,4 +1,4 @@
-"""Batch-norm capture/replay for the LLR trainer (ALGORITHMS.md 6.2, project decision 12, pitfall 6).
+"""Batch-norm capture/replay for the LLR trainer (docs/methods.md, "LLR training").
 
 In an LLR step every perturbed forward pass must be normalised with the statistics of the *nominal*
 batch, and the running statistics must move exactly once per step. :class:`BatchNormReplay` does this
@@ -15,7 +15,8 @@ manual normalisation, and restored on exit. Modes (``ctx.mode = ...``):
   build a graph into the nominal pass).
 
 Replay modes never touch the running statistics. Normalisation is written out by hand because
-``F.batch_norm`` cannot carry gradients through externally supplied statistics (pitfall 6).
+``F.batch_norm`` cannot carry gradients through externally supplied statistics, so the normalisation is
+written out here.
 """
 
 from __future__ import annotations

@@ -2,20 +2,20 @@
 
 Every inner maximisation — the PGD-k attack of adversarial training, TRADES' KL maximisation and the
 LLR linearity search — is a configuration of the one attack engine, :func:`attacks.run`
-(ARCHITECTURE principle 1); nothing here steps a perturbation itself.
+(docs/design.md, "One loop"); nothing here steps a perturbation itself.
 
 * :func:`nominal_loss` — mean cross-entropy.
 * :func:`adversarial_loss` — Madry et al. 2018 with the LLR paper's Adam-PGD (ADV-k): the inner attack
   maximises the margin with k steps (Adam lr 0.1, or sign steps) from a uniform random start, keeping
-  the final iterate; the model is in **eval mode** during the inner attack (project decision 12: attacks
-  see running statistics and never update them), then CE on the adversarial batch in train mode.
+  the final iterate; the model is in **eval mode** during the inner attack (attacks see running
+  statistics and never update them, docs/protocol.md), then CE on the adversarial batch in train mode.
 * :func:`trades_loss` — Zhang et al. 2019: ``CE(x) + β·KL(p(x) ‖ p(x'))`` with x' maximising the same KL
   (:class:`TradesKL`); inner attack in eval mode as in the TRADES code.
-* :func:`llr_loss` — ALGORITHMS.md 6.1 / supplementary Algorithm 1:
+* :func:`llr_loss` — supplementary Algorithm 1 (docs/methods.md, "LLR training"):
   ``w_nom·mean ℓ(x) + λ·mean g(δ*; x) + μ·mean |δ*ᵀ∇ₓℓ(x)|`` with ``g = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|``,
-  ∇ₓℓ from ``autograd.grad(ℓ.sum(), x, create_graph=True)`` (pitfall 4) so the μ-term and g are
-  differentiated through it (double backprop, pitfall 5), δ* from M Adam steps of the engine's
-  ``local-linearity`` preset with batch norm replaying the nominal statistics (6.2).
+  ∇ₓℓ from ``autograd.grad(ℓ.sum(), x, create_graph=True)`` (the sum, not the mean) so the μ-term and g are
+  differentiated through it (double backprop), δ* from M Adam steps of the engine's
+  ``local-linearity`` preset with batch norm replaying the nominal statistics (:mod:`.batchnorm`).
 
 :func:`compute_loss` dispatches on a :class:`LossConfig`; all return a :class:`LossOutput`.
 """
@@ -59,7 +59,7 @@ class LossConfig:
     or in units of ε when ``relative_step``); ``None`` means Adam 0.1 absolute (the paper, F.2) or, for
     sign steps, 2.5ε/k (Madry et al.). ``llr_lambda`` = λ, ``llr_mu`` = μ (the paper's coefficient of
     mean |δᵀ∇ℓ|), ``nominal_weight`` = weight of mean ℓ(x); ``grad_mode`` of the linearity search:
-    ``"deepmind"`` (δ stop-gradiented in the linear term, pitfall 8) or ``"exact"``.
+    ``"deepmind"`` (δ stop-gradiented in the linear term, as DeepMind's code) or ``"exact"``.
     """
 
     method: str = "nominal"
@@ -137,7 +137,7 @@ def adversarial_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed
     """
     if delta is None:
         if eps > 0:
-            with eval_mode(model):  # decision 12: running statistics, never updated
+            with eval_mode(model):  # running statistics, never updated
                 res = attacks.run(inner_attack(f"pgd-{cfg.steps}", eps, cfg), model, x, y, ids=ids, seed=seed)
             delta = (res.x_adv - x).detach()
         else:
@@ -157,7 +157,7 @@ def trades_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int
     """
     if delta is None:
         if eps > 0:
-            with eval_mode(model):  # decision 12: running statistics, never updated
+            with eval_mode(model):  # running statistics, never updated
                 attack = inner_attack("pgd-1", eps, cfg, TradesKL())
                 res = attacks.run(attack, model, x, y, ids=ids, seed=seed)
             delta = (res.x_adv - x).detach()
@@ -184,7 +184,7 @@ def llr_terms(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
 def llr_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int = 0,
              delta: torch.Tensor | None = None, criterion: Callable = cross_entropy) -> LossOutput:
-    """The LLR training loss, exactly as ALGORITHMS.md 6.1 (supplementary Algorithm 1):
+    """The LLR training loss, as supplementary Algorithm 1 (docs/methods.md, "LLR training"):
 
     ``L = w_nom · mean ℓ(x) + λ · mean g(δ*; x) + μ · mean |δ*ᵀ∇ₓℓ(x)|``.
 
@@ -194,8 +194,8 @@ def llr_loss(model, x, y, *, eps: float, cfg: LossConfig, ids=None, seed: int = 
        ``replay_detached`` BN (the model stays in train mode: ``allow_train_mode=True``);
     3. regulariser under ``replay_attached`` BN with G attached (double backprop).
 
-    At ε = 0 the regulariser is exactly 0 and no search runs (pitfall 10). The model should be in train
-    mode (its BN modules are patched either way). ``criterion(logits, y) -> [B]`` is ℓ (cross-entropy).
+    At ε = 0 the regulariser is exactly 0 and no search runs (never divided by ε). The model should be in
+    train mode (its BN modules are patched either way). ``criterion(logits, y) -> [B]`` is ℓ (cross-entropy).
     """
     with BatchNormReplay(model) as bn:
         x0 = x.detach().clone().requires_grad_(True)

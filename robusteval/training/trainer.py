@@ -1,21 +1,22 @@
 """The reference trainer: nominal, adversarial (ADV-k), TRADES and LLR, with exact resume.
 
 :func:`make_config` fills a :class:`TrainConfig` with per-dataset defaults (:data:`DATASET_DEFAULTS`:
-the LLR paper's CIFAR-10 hyper-parameters, supplementary F.2 / ALGORITHMS.md decision 10, and
+the LLR paper's CIFAR-10 hyper-parameters, supplementary F.2 / docs/methods.md, and
 documented Fashion-MNIST/MNIST values); :func:`train` runs it and writes a robusteval checkpoint.
 
-Mechanics (ALGORITHMS.md 6.3):
+Mechanics (docs/methods.md, "LLR training"):
 
-* SGD, momentum 0.9 (not Nesterov); weight decay on conv/linear *weights* only (pitfall 18);
+* SGD, momentum 0.9 (not Nesterov); weight decay on conv/linear *weights* only (not biases, not batch norm);
   learning rate multiplied by ``lr_decay_factor`` at each epoch in ``lr_decay_epochs`` (0-based
   epoch index at which the new rate starts: the paper's "decrease after 100 and 105 epochs");
 * ε ramped linearly from exactly 0 at step 0 to ``eps`` over ``eps_ramp_epochs`` epochs, per step
-  (pitfall 10); the end-of-epoch evaluation always uses the full ``eps``;
+  (the regulariser is exactly zero at step 0); the end-of-epoch evaluation always uses the full ``eps``;
 * randomness is derived, never drawn from global state: the data order of epoch e from
   ``(seed, e)``, the augmentation of step t and the inner attack's random start from ``(seed, t)``
   (the engine adds the example id). The global torch RNG only initialises the weights. So a run
   interrupted at a step boundary and resumed continues bit for bit;
-* TF32 is switched off (decision 11): the LLR term is a small difference of O(1) numbers;
+* TF32 is switched off (docs/protocol.md, "Numerics of γ and LLR"): the LLR term is a small difference of
+  O(1) numbers;
 * held-out evaluation at every epoch end: clean accuracy and PGD-50 robust accuracy (Adam 0.1, margin,
   model in eval mode — the paper's on-the-fly check, Table F2) on the last ``eval_n`` training images,
   which are never trained on;
@@ -223,7 +224,7 @@ def build_model(cfg: TrainConfig, data) -> tuple[nn.Module, dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on convolution and linear weights only (ALGORITHMS 6.3, pitfall 18).
+    """SGD with momentum; weight decay on convolution and linear weights only (docs/methods.md).
 
     Biases, batch-norm scales/offsets and anything else get no decay.
     """
@@ -261,7 +262,8 @@ def heldout_check(model: nn.Module, data, eps: float, *, steps: int = 50, batch_
                   seed: int = 0, device="cpu") -> dict:
     """The per-epoch held-out check: clean and PGD-``steps`` robust accuracy (engine preset ``pgd-K``:
     Adam 0.1, margin, one restart) of ``model`` in eval mode on ``data``; robust = clean-correct and
-    still correct (decision 3). Not an evaluation of the model: use :func:`robusteval.runner.evaluate`."""
+    still correct (docs/protocol.md). Not an evaluation of the model: use
+    :func:`robusteval.runner.evaluate`."""
     attack = attacks.get(f"pgd-{steps}", eps) if eps > 0 else None
     clean = robust = 0
     with eval_mode(model):
@@ -371,7 +373,7 @@ def resume_config(path: str | Path) -> TrainConfig:
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, data=None, download: bool = False,
           progress: bool = True, on_step: Callable[[StepInfo], None] | None = None) -> dict:
-    """See :func:`_train`. Runs in fp32 without TF32 (decision 11) and with the global RNG forked: the
+    """See :func:`_train`. Runs in fp32 without TF32 and with the global RNG forked: the
     caller's TF32 flags and random state are the same afterwards."""
     devices = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
     with strict_fp32(cfg.device), torch.random.fork_rng(devices=devices):
@@ -553,6 +555,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, data, download: b
 
     from robusteval import progress as progress_bars
 
+    # Long: the epoch loop, its checkpoints and the interrupt protocol stay together, so that a resumed
+    # run continues at exactly the step where the interrupted one saved.
     out = Path(out)
     check_writable(out)  # before any data loading or training step
     device = torch.device(cfg.device)
