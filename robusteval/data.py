@@ -9,12 +9,13 @@ Names: ``fashion-mnist``, ``mnist`` (IDX files read directly with numpy), ``cifa
 (torchvision; needs scipy), ``imagenet`` (a validation folder with one sub-folder per class, decoded
 lazily: resize 256, centre crop 224) and ``npz`` (a user file; see :func:`load_npz`).
 
-Offline first. A dataset is looked for in ``data_dir``, then ``$ROBUSTEVAL_DATA``, then the system
-locations :data:`SYSTEM_ROOTS` (``/usr/share/datasets/<name>``: Debian's ``dataset-fashion-mnist``
-package puts its four ``.gz`` files flat there); it is downloaded (torchvision) only when
-``download=True``. For the Fashion-MNIST test split the last resort is the bundled subset of its first
-1,000 images (``robusteval/zoo/fmnist_test_1000.npz``; ``Dataset.bundled`` says so). Missing data is a
-:class:`UserError` naming the paths tried and how to get the data.
+Offline first. A dataset is looked for in ``data_dir`` — and only there when it is given: a missing or
+empty ``data_dir`` is an error, never a quiet fall-back to another copy — else in ``$ROBUSTEVAL_DATA``,
+then the system locations :data:`SYSTEM_ROOTS` (``/usr/share/datasets/<name>``: Debian's
+``dataset-fashion-mnist`` package puts its four ``.gz`` files flat there); it is downloaded
+(torchvision) only when ``download=True``. For the Fashion-MNIST test split the last resort is the
+bundled subset of its first 1,000 images (``robusteval/zoo/fmnist_test_1000.npz``; ``Dataset.bundled``
+says so). Missing data is a :class:`UserError` naming the paths tried and how to get the data.
 
 Also here: :func:`augment_crop_flip` (CIFAR training augmentation) and
 :func:`iterate_batches`.
@@ -29,6 +30,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,6 +264,9 @@ def augment_crop_flip(
 
 # --------------------------------------------------------------------------------------- file readers
 
+#: Larger than any IDX file of a known dataset (MNIST's training images are 47 MB): a bound on what a
+#: (possibly hostile) archive may decompress to.
+MAX_IDX_BYTES = 1 << 30
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -271,8 +276,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Format: two zero bytes, a type code, the number of dimensions, big-endian uint32 sizes, then data.
     """
     path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read(MAX_IDX_BYTES + 1)
+    except (EOFError, OSError, zlib.error) as exc:  # a truncated download or a damaged archive
+        raise UserError(f"{path} is truncated or damaged ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:80] if str(exc) else 'unexpected end'})") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise UserError(f"{path} holds more than {MAX_IDX_BYTES >> 20} MiB of data: not an image file of a "
+                        "dataset robusteval reads")
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
         raise UserError(f"{path} is not an IDX file")
     ndim = data[3]
@@ -325,8 +337,19 @@ def _find_mnist_like(root: Path, name: str, split: str):
         for suffix in (".gz", ""):
             img, lab = d / f"{prefix}-images-idx3-ubyte{suffix}", d / f"{prefix}-labels-idx1-ubyte{suffix}"
             if img.is_file() and lab.is_file():
-                return lambda img=img, lab=lab: (read_idx(img)[:, None], read_idx(lab), str(img.parent))
+                return lambda img=img, lab=lab: _idx_pair(img, lab)
     return None
+
+
+def _idx_pair(images: Path, labels: Path):
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1:
+        raise UserError(f"{images.parent}: expected images [N, H, W] and labels [N], got {x.shape} and "
+                        f"{y.shape}")
+    if len(x) != len(y):
+        raise UserError(f"{images.parent}: {images.name} holds {len(x)} images but {labels.name} {len(y)} "
+                        "labels; one of them is from another download or truncated")
+    return x[:, None], y, str(images.parent)
 
 
 def _find_cifar(root: Path, name: str, split: str):
@@ -341,8 +364,15 @@ def _find_cifar(root: Path, name: str, split: str):
             def load(d=d):
                 parts = [_load_array_pickle(d / f) for f in files]
                 key = "labels" if name == "cifar10" else "fine_labels"
-                x = np.concatenate([np.asarray(p["data"], np.uint8).reshape(-1, 3, 32, 32) for p in parts])
-                y = np.concatenate([np.asarray(p[key], np.int64) for p in parts])
+                try:
+                    x = np.concatenate([np.asarray(p["data"], np.uint8).reshape(-1, 3, 32, 32)
+                                        for p in parts])
+                    y = np.concatenate([np.asarray(p[key], np.int64) for p in parts])
+                except (KeyError, ValueError, TypeError, IndexError) as exc:
+                    raise UserError(f"{d} does not hold CIFAR python batches ({type(exc).__name__}: "
+                                    f"{str(exc)[:80]})") from None
+                if len(x) != len(y):
+                    raise UserError(f"{d}: {len(x)} images but {len(y)} labels")
                 return x, y, str(d)
 
             return load
@@ -384,6 +414,14 @@ def _download(name: str, split: str, root: Path) -> None:
         raise UserError(f"downloading {name} needs an extra package ({exc})") from None
     except Exception as exc:  # noqa: BLE001 — network and archive errors come in many types
         raise UserError(f"downloading {name} into {root} failed: {exc}") from None
+
+
+def _check_data_dir(data_dir, what: str) -> None:
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} data not found: `data_dir` {data_dir} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{what} data not found: `data_dir` {data_dir} is not a directory")
 
 
 def _roots(data_dir) -> list[Path]:
@@ -452,14 +490,21 @@ def load_dataset(
         return _load_imagenet(split, data_dir, n, offset)
 
     user_roots = _roots(data_dir)
-    candidates = user_roots + [r / key for r in SYSTEM_ROOTS]
     finder = _FINDERS[key]
+    if data_dir is not None:  # an explicit directory is the only place looked in: never another copy
+        _check_data_dir(data_dir, f"{key} {split}")
+        candidates = [Path(data_dir).expanduser()]
+    else:
+        candidates = user_roots + [r / key for r in SYSTEM_ROOTS]
     loader = next((f for f in (finder(r, key, split) for r in candidates) if f is not None), None)
     if loader is None and download:
         target = user_roots[0] if user_roots else Path.home() / ".cache" / "robusteval" / "data"
         _download(key, split, target)
         loader = finder(target, key, split)
     mean, std = NORMALIZATIONS[key]
+    if loader is None and data_dir is not None and not download:
+        raise UserError(f"{key} {split} data not found in `data_dir` {data_dir} (and no other copy is used "
+                        f"when it is given); {_HINTS[key]}")
     if loader is None:
         if key == "fashion-mnist" and split == "test" and BUNDLED_SUBSET.is_file():
             full = load_npz(BUNDLED_SUBSET)
@@ -493,7 +538,11 @@ def _load_imagenet(split: str, data_dir, n: int | None, offset: int) -> Dataset:
     from torchvision import transforms
 
     folder_name = "val" if split == "test" else "train"
-    roots = _roots(data_dir) + [r / "imagenet" for r in SYSTEM_ROOTS]
+    if data_dir is not None:
+        _check_data_dir(data_dir, f"imagenet {split}")
+        roots = [Path(data_dir).expanduser()]
+    else:
+        roots = _roots(None) + [r / "imagenet" for r in SYSTEM_ROOTS]
     candidates = [d for r in roots for d in (r / folder_name, r / "imagenet" / folder_name, r)]
     # A class folder is any sub-directory, so a root holding train/ and val/ must not count as one.
     is_folder = lambda d: d.is_dir() and any(p.is_dir() for p in d.iterdir()) and not (d / "train").is_dir()
@@ -509,7 +558,13 @@ def _load_imagenet(split: str, data_dir, n: int | None, offset: int) -> Dataset:
         raise UserError(f"{found} is not an image folder with one sub-folder per class ({exc})") from None
     window = _window(len(folder), n, offset, f"imagenet {split} ({found})")
     ids = torch.arange(window.start, window.stop)
-    load = lambda i: view(folder.loader(folder.samples[i][0]).convert("RGB"))
+    def load(i: int) -> torch.Tensor:
+        file = folder.samples[i][0]
+        try:
+            return view(folder.loader(file).convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for a damaged or foreign file
+            raise UserError(f"cannot decode image {file} ({type(exc).__name__}: {str(exc)[:80]})") from None
+
     mean, std = NORMALIZATIONS["imagenet"]
     return Dataset(
         name="imagenet", split=split, images=LazyImages(load, ids, (3, 224, 224)),

@@ -36,15 +36,28 @@ MAX_QUERIES = 1_000_000
 MAX_BATCH = 1_000_000
 
 
-def _positive_int(value, what: str, upper: int) -> int | None:
+def check_count(value, what: str, upper: int, minimum: int = 1) -> int | None:
+    """A count given by a user (steps, restarts, queries, a batch size, a number of examples): an integer
+    in ``minimum..upper``; ``None`` passes (not given). Anything else is one :class:`UserError` line —
+    the one check of every budget of every command, so a typo never allocates a trial list larger than
+    memory or runs for years."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"`{what}` must be an integer, got {value!r}")
-    if value < 1:
-        raise UserError(f"`{what}` must be ≥ 1, got {value}")
+    if value < minimum:
+        raise UserError(f"`{what}` must be ≥ {minimum}, got {value}")
     if value > upper:
         raise UserError(f"`{what}` = {value} is above the supported maximum {upper:,}")
+    return value
+
+
+def check_seed(value, what: str = "seed") -> int:
+    """A seed: an integer in 0..2⁶³ − 1 (seeds are reduced to 64 bits, so a larger one would alias a
+    smaller one, and records store it as a 64-bit integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= attacks.seeding.MAX_SEED:
+        raise UserError(f"`{what}` must be an integer in 0..{attacks.seeding.MAX_SEED} (2^63 − 1), got "
+                        f"{value!r}")
     return value
 
 
@@ -61,9 +74,9 @@ class Budget:
     queries: int | None = None
 
     def __post_init__(self):
-        _positive_int(self.steps, "steps", MAX_STEPS)
-        _positive_int(self.restarts, "restarts", MAX_RESTARTS)
-        _positive_int(self.queries, "queries", MAX_QUERIES)
+        check_count(self.steps, "steps", MAX_STEPS)
+        check_count(self.restarts, "restarts", MAX_RESTARTS)
+        check_count(self.queries, "queries", MAX_QUERIES)
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
             raise UserError(f"`step_size` must be a positive number, got {self.step_size!r}")
 
@@ -154,14 +167,11 @@ class Evaluation:
         set_("eps", _radii(self.eps) if self.eps != () else ())
         if self.norm not in NORMS:
             raise UserError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        _positive_int(self.n, "n", 1 << 62)
-        _positive_int(self.limit, "limit", 1 << 62)
+        check_count(self.n, "n", 1 << 62)
+        check_count(self.limit, "limit", 1 << 62)
         if not isinstance(self.budget, Budget):
             raise UserError(f"`budget` must be a Budget, got {self.budget!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
-                not 0 <= self.seed <= attacks.seeding.MAX_SEED:
-            raise UserError(f"`seed` must be an integer in 0..{attacks.seeding.MAX_SEED} (2^63 − 1), "
-                            f"got {self.seed!r}")
+        check_seed(self.seed)
         if self.precision not in PRECISIONS:
             raise UserError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.shard is not None:
@@ -169,7 +179,7 @@ class Evaluation:
             if not (isinstance(i, int) and isinstance(k, int) and k >= 1 and 0 <= i < k):
                 raise UserError(f"`shard` must be I/N with 0 ≤ I < N, got {i}/{k}")
             set_("shard", (int(i), int(k)))
-        _positive_int(self.batch_size, "batch_size", MAX_BATCH)
+        check_count(self.batch_size, "batch_size", MAX_BATCH)
         if self.out is not None:
             set_("out", Path(self.out))
         self.build(self.eps[0] if self.eps else 0.1)  # an unknown attack or a useless budget fails here

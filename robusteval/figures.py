@@ -156,8 +156,12 @@ def perturbation_figure(
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    """Save a figure atomically (a figure half-written by a killed run is never left behind)."""
+    import io
+
+    from robusteval.paths import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    return path
+    return atomic_write(path, buf.getvalue())

@@ -96,10 +96,11 @@ def check_model(model, name: str, meta: dict, ds, threats, batch_size: int, devi
             right = (z.argmax(1) == y).cpu()
             for t in threats:
                 probe_ball(model, name, x[right.to(x.device)], y[right.to(y.device)], ids[right], t, seed)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, UserError):
             raise
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 — whatever a user's network raises on the data
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise UserError(f"model {name!r} cannot process {ds.name} images of shape "
-                            f"{tuple(ds.input_shape)} ({str(exc).splitlines()[0][:160]})") from None
+                            f"{tuple(ds.input_shape)} ({type(exc).__name__}: {first})") from None
         preds.append(z.argmax(1).cpu())
     return torch.cat(preds)

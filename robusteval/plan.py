@@ -242,8 +242,11 @@ def _from_dict(d: dict) -> Plan:
                           float(eps), tuple(planned),
                           tuple(_typed(c, str, "a check") for c in _typed(u["checks"], list, "checks")),
                           _typed(u.get("norm", "linf"), str, "norm")))
+    seed = _typed(d["seed"], int, "seed")
+    if not 0 <= seed < (1 << 63) or any(not -(1 << 63) <= i < (1 << 63) for i in ids):
+        raise ValueError("a seed or an example id outside the 64-bit range")
     return Plan(_typed(d["dataset"], str, "dataset"), _typed(d["split"], str, "split"),
-                _typed(d["selected"], int, "selected"), shard, _typed(d["seed"], int, "seed"),
+                _typed(d["selected"], int, "selected"), shard, seed,
                 _typed(d["data_key"], str, "data_key"), ids, shas, tuple(units))
 
 

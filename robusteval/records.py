@@ -236,6 +236,13 @@ def _parse_float(text: str) -> float | None:
         return None
 
 
+def _fits_int64(text: str) -> bool:
+    try:
+        return -(1 << 63) <= int(text) < (1 << 63)
+    except ValueError:
+        return False
+
+
 def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = RECORDS) -> pd.DataFrame:
     """Check every field's type (raising at the first bad one, with its line) and return typed columns.
 
@@ -255,10 +262,10 @@ def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = 
     for c, allowed in schema.choices.items():
         first_bad(~raw[c].isin(allowed), c, " or ".join(allowed))
     for c in schema.ints + schema.nullable_ints:
-        ok = raw[c].str.fullmatch(r"-?\d+")
+        ok = raw[c].str.fullmatch(r"-?\d{1,19}") & raw[c].map(_fits_int64)  # a 64-bit integer
         if c in schema.nullable_ints:
             ok |= raw[c] == ""
-        first_bad(~ok, c, "an integer")
+        first_bad(~ok, c, "an integer (64-bit)")
         nullable = c in schema.nullable_ints
         out[c] = pd.to_numeric(raw[c].replace("", None)).astype("Int64" if nullable else "int64")
     for c in schema.floats:
@@ -271,16 +278,30 @@ def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = 
     for c in schema.bools:
         first_bad(~raw[c].isin(_TRUE + _FALSE), c, "True or False")
         out[c] = raw[c].isin(_TRUE)
-    if schema is RECORDS:
-        _check_rows(out, lines, path)
+    rules = _record_rules(out) if schema is RECORDS else _gamma_rules(out) if schema is GAMMA else []
+    for mask, why in rules:
+        mask = np.asarray(mask, dtype=bool)
+        if bool(mask.any()):
+            raise _bad(path, lines[int(np.flatnonzero(mask)[0])], f"inconsistent record: {why}")
     return out[list(schema.columns)]
 
 
-def _check_rows(df: pd.DataFrame, lines: list[int], path: Path) -> None:
+def _gamma_rules(df: pd.DataFrame) -> list:
+    """A γ record: clean_correct is clean_pred == label; γ a finite non-negative number and √γ its root."""
+    return [
+        (df["clean_correct"] != (df["clean_pred"] == df["label"]), "clean_correct disagrees with clean_pred "
+                                                                    "and label"),
+        (~np.isfinite(df["gamma"]) | (df["gamma"] < 0), "gamma is not a finite non-negative number"),
+        (~np.isclose(df["sqrt_gamma"], np.sqrt(df["gamma"].clip(lower=0)), rtol=1e-6, atol=1e-12),
+         "sqrt_gamma is not the square root of gamma"),
+    ]
+
+
+def _record_rules(df: pd.DataFrame) -> list:
     """Each record must be internally consistent: a number can only be inflated by a row that says
     ``robust`` for an example that was misclassified, skipped, or re-classified as another class."""
     attacked, wrong, skipped = (df["status"] == s for s in STATUSES)
-    rules = [
+    return [
         (df["clean_correct"] != (df["clean_pred"] == df["label"]), "clean_correct disagrees with clean_pred "
                                                                     "and label"),
         (wrong & (df["clean_correct"] | df["robust"] | df["success"]), "a clean-wrong row is clean-correct, "
@@ -293,10 +314,6 @@ def _check_rows(df: pd.DataFrame, lines: list[int], path: Path) -> None:
         (attacked & (df["success"] == df["robust"]), "success and robust agree (one negates the other)"),
         (attacked & ~(df["linf"] <= df["eps"] + TOLERANCE), "the point is outside the ε-ball (linf > eps)"),
     ]
-    for mask, why in rules:
-        mask = np.asarray(mask, dtype=bool)
-        if bool(mask.any()):
-            raise _bad(path, lines[int(np.flatnonzero(mask)[0])], f"inconsistent record: {why}")
 
 
 def _read_one(path: Path, schema: Schema = RECORDS) -> pd.DataFrame:

@@ -57,26 +57,32 @@ def test_idx_reader_rejects_garbage(tmp_path):
 def test_bundled_subset_is_the_offline_fallback(offline):
     empty = offline / "empty"
     empty.mkdir()
-    ds = load_dataset("fashion-mnist", split="test", data_dir=empty)
+    with pytest.raises(UserError, match="fashion-mnist test data not found in data_dir"):
+        load_dataset("fashion-mnist", split="test", data_dir=empty)  # explicit: never another copy
+    ds = load_dataset("fashion-mnist", split="test")
     assert ds.bundled and ds.source == "bundled subset (1000 images)"
     assert ds.images.shape == (1000, 1, 28, 28) and ds.labels[0].item() == 9
     assert torch.equal(ds.ids, torch.arange(1000)) and ds.mean == (0.5,) and ds.num_classes == 10
-    tail = load_dataset("fashion-mnist", data_dir=empty, n=10, offset=990)
+    tail = load_dataset("fashion-mnist", n=10, offset=990)
     assert torch.equal(tail.ids, torch.arange(990, 1000))
     with pytest.raises(UserError, match="bundled Fashion-MNIST test subset .* has 1000"):
-        load_dataset("fashion-mnist", data_dir=empty, n=10, offset=995)
+        load_dataset("fashion-mnist", n=10, offset=995)
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
-        load_dataset("fashion-mnist", split="train", data_dir=empty)  # no bundled train data
+        load_dataset("fashion-mnist", split="train")  # no bundled train data
+    with pytest.raises(UserError, match="data_dir .*nowhere does not exist"):
+        load_dataset("fashion-mnist", data_dir=offline / "nowhere")
 
 
 def test_missing_cifar10_names_the_paths_tried(offline, monkeypatch):
     empty = offline / "empty"
     empty.mkdir()
     monkeypatch.setenv(data.ENV_VAR, str(offline / "env"))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match="cifar10 test data not found in data_dir"):
         load_dataset("cifar10", data_dir=empty)
+    with pytest.raises(UserError) as err:
+        load_dataset("cifar10")
     message = str(err.value)
-    assert "\n" not in message and str(empty) in message and str(offline / "env") in message
+    assert "\n" not in message and str(offline / "env") in message
     # the library names the argument, the CLI words it as a flag
     assert str(offline / "system" / "cifar10") in message and "--download" in err.value.as_flags()
 
@@ -147,8 +153,11 @@ def test_imagenet_folder_is_decoded_lazily_at_224(offline):
     batch = next(ds.batches(2))[0]
     assert batch.shape == (2, 3, 224, 224) and batch[0, 0].max() == 0 and batch[1, 0].min() == 1
     assert ds.subset(slice(1, 3)).images[0].shape == (3, 224, 224)
-    with pytest.raises(UserError, match="imagenet test data not found .*one folder per class"):
+    with pytest.raises(UserError, match="data_dir .*nothing does not exist"):
         load_dataset("imagenet", data_dir=offline / "nothing")
+    (offline / "empty-imnet").mkdir()
+    with pytest.raises(UserError, match="imagenet test data not found .*one folder per class"):
+        load_dataset("imagenet", data_dir=offline / "empty-imnet")
 
 
 def test_npz_round_trip_layouts_and_dtypes(tmp_path):

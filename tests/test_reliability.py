@@ -7,7 +7,9 @@ from the shared fixture files and names the files whose bytes must be unchanged 
 
 from __future__ import annotations
 
+import copy
 import csv
+import gzip
 import io
 import os
 import subprocess
@@ -19,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import QuantisedInput
 from torch import nn
 
 import robusteval.models.checkpoints as ckpt
-from robusteval import progress, records
+from robusteval import alarms, progress, records
 from robusteval.cli import cli
 from robusteval.errors import UserError
 from robusteval.models import load_model, save_checkpoint
@@ -51,6 +54,47 @@ class NanOffGrid(nn.Module):
         z = self.net(x)
         off = ((x * 255 - torch.round(x * 255)).abs() > 1e-3).flatten(1).any(1)
         return torch.where(off[:, None], torch.full_like(z, float("nan")), z)
+
+
+class TupleOut(nn.Module):
+    """The tiny network behind a wrong output type (here a tuple; below a dict, integer one-hot)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.net(x)
+        return z, z.softmax(1)
+
+
+class DictOut(TupleOut):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+class OneHotOut(TupleOut):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.net(x).argmax(1), 10)
+
+
+class NanGradient(nn.Module):
+    """Finite logits whose input gradient is NaN everywhere: d√u at u = 0 is infinite, times 0."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.sqrt((x - x.detach()).abs()).flatten(1).sum(1, keepdim=True)
+        return self.net(x) + 0 * hidden
+
+
+def _export(model: nn.Module, path: Path, batch: int, dynamic: bool) -> Path:
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +174,42 @@ def w(tiny_ckpt, tiny_state_dict, nan_ckpt, tiny_npz, tmp_path_factory):
     save_checkpoint(p.setdefault("cifar", d / "cifar.pt"), wrn.eval(), "wrn16_4", dataset="cifar10")
     scripted = torch.jit.script(NanOffGrid(load_model(tiny_ckpt).model))
     scripted.save(str(p.setdefault("nan_off_grid", d / "nan_off_grid.pt")))
+    net = load_model(tiny_ckpt).model
+    for kind, wrapper in (("tuple", TupleOut), ("dict", DictOut), ("onehot", OneHotOut)):
+        torch.jit.script(wrapper(net).eval()).save(str(p.setdefault(kind, d / f"{kind}.pt")))
+    torch.jit.script(QuantisedInput(net).eval()).save(str(p.setdefault("quantised", d / "quantised.pt")))
+    torch.jit.script(NanGradient(net).eval()).save(str(p.setdefault("nan_grad", d / "nan_grad.pt")))
+    p["static"] = _export(copy.deepcopy(net).eval(), d / "static.pt2", 4, dynamic=False)
+    p["train_mode"] = _export(copy.deepcopy(net).train(), d / "train_mode.pt2", 8, dynamic=True)
+    # damaged robusteval checkpoints: a field missing or of the wrong type
+    good = torch.load(tiny_ckpt, weights_only=True)
+    for key, value in (("no_state", None), ("no_arch", None), ("kwargs_list", [4, 16]), ("state_list", [1])):
+        field_ = {"no_state": "state_dict", "no_arch": "arch", "kwargs_list": "arch_kwargs",
+                  "state_list": "state_dict"}[key]
+        damaged = {k: v for k, v in good.items() if k != field_}
+        if value is not None:
+            damaged[field_] = value
+        torch.save(damaged, p.setdefault(key, d / f"{key}.pt"))
+    # IDX data: label count that differs from the image count, and a truncated archive
+    idx = d / "idx_count"
+    idx.mkdir()
+    _idx(idx / "t10k-images-idx3-ubyte.gz", (x[:32]).astype(np.uint8))
+    _idx(idx / "t10k-labels-idx1-ubyte.gz", y[:31].astype(np.uint8))
+    p["idx_count"] = idx
+    cut = d / "idx_cut"
+    cut.mkdir()
+    _idx(cut / "t10k-images-idx3-ubyte.gz", x[:32].astype(np.uint8))
+    _idx(cut / "t10k-labels-idx1-ubyte.gz", y[:32].astype(np.uint8))
+    blob = (cut / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (cut / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    p["idx_cut"] = cut
     return p
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
 
 
 @dataclass
@@ -141,6 +220,10 @@ class Case:
     unchanged: tuple[str, ...] = ()  # keys of files whose bytes must not change
     check: object = None  # optional (result, paths, tmp_path) -> None
     extra: dict = field(default_factory=dict)
+
+
+def _alarmed(result, check: str) -> None:
+    assert check in result.stdout and "Remedy:" in result.stdout, result.stdout
 
 
 def _rows(result) -> list[str]:
@@ -215,6 +298,111 @@ def _attack(model, data="npz", out=None, *extra, **kw):
     return lambda p, t: attack_args(p[model], p[data], out(p, t) if out else t / "o", *extra, **kw)
 
 
+def checked(model, out, *extra, eps="0.1", n=16):
+    """An attack with the masking checks on (a small Square budget)."""
+    args = attack_args(model, "{npz}", out, *extra, n=n, eps=eps)
+    return [a for a in args if a != "--no-checks"] + ["--queries", 60]
+
+
+def _with_checks(model, *extra, **kw):
+    def build(p, t):
+        return [str(a).replace("{npz}", str(p["npz"])) for a in checked(p[model], t / "o", *extra, **kw)]
+    return build
+
+
+def _alarm_then_other_eps(p, t):
+    first = [str(a).replace("{npz}", str(p["npz"])) for a in checked(p["quantised"], t / "o")]
+    assert invoke(first).exit_code == 3  # flagged at ε = 0.1
+    return [str(a).replace("{npz}", str(p["npz"])) for a in checked(p["quantised"], t / "o", eps="0.02")]
+
+
+def _first_eps_alarms_kept(result, p, t):
+    verdicts = alarms.read(t / "o")
+    raised = {(v.check, v.eps) for v in verdicts if v.raised}
+    assert ("unusable-gradients", 0.1) in raised, raised
+    report_ = invoke(["report", t / "o"])
+    assert report_.exit_code == 3
+    row = next(line for line in _rows(report_) if "│ 0.1 " in line)
+    assert "unusable-gradients" in row  # the ε = 0.1 row keeps its alarm
+
+
+def _killed(p, t, at: str):
+    """Run an attack and kill it (KeyboardInterrupt) when ``at`` happens; return a report of the run."""
+    import attacks as attack_lib
+    from robusteval import runner
+
+    real_run, real_large = attack_lib.run, alarms.large_eps
+
+    def run(atk, *a, **kw):
+        if at == "second member" and atk.name == "multi-targeted":
+            raise KeyboardInterrupt
+        return real_run(atk, *a, **kw)
+
+    def large(*a, **kw):
+        raise KeyboardInterrupt
+
+    runner.attacks.run = run
+    if at == "checks":
+        alarms.large_eps = large
+    try:
+        args = checked(p["ckpt"], t / "o", "-a", "multi-targeted", "--no-skip")
+        assert invoke([str(a).replace("{npz}", str(p["npz"])) for a in args]).exit_code == 130
+    finally:
+        runner.attacks.run, alarms.large_eps = real_run, real_large
+    return ["report", t / "o"]
+
+
+def _two_shards(first: list, second: list):
+    def build(p, t):
+        for i, extra in ((0, first), (1, second)):
+            args = attack_args(p["ckpt"], p["npz"], t / "o", "--shard", f"{i}/2", *extra)
+            assert invoke(args).exit_code == 0
+        return ["report", t / "o"]
+    return build
+
+
+def _gamma_two_models(p, t):
+    assert invoke(_gamma(p["ckpt"], p["npz"], t / "g")).exit_code == 0
+    return _gamma(p["ckpt_copy"], p["npz"], t / "g")
+
+
+def _gamma_both_kept(result, p, t):
+    df = records.read_gamma(t / "g")
+    assert set(df["model"]) == {"tiny", "copy"} and len(df) == 16
+    again = invoke(_gamma(p["ckpt"], p["npz"], t / "g"))  # a rerun resumes: nothing is measured twice
+    assert again.exit_code == 0 and len(records.read_gamma(t / "g")) == 16
+    other = invoke(_gamma(p["ckpt"], p["npz"], t / "g", "--steps", 3))
+    assert other.exit_code != 0 and "different steps" in other.stderr
+
+
+def _broken_alarms(text: str):
+    def build(p, t):
+        out = t / "o"
+        args = [str(a).replace("{npz}", str(p["npz"])) for a in checked(p["ckpt"], out)]
+        assert invoke(args).exit_code == 0
+        (out / "alarms.csv").write_text(text)
+        return ["report", out]
+    return build
+
+
+def _huge_seed_in_records(p, t):
+    path = t / "records.csv"
+    lines = p["rec"].read_text().splitlines(keepends=True)
+    cells = next(csv.reader([lines[1]]))
+    cells[records.COLUMNS.index("seed")] = "9" * 24
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)
+    path.write_text(lines[0] + buf.getvalue())
+    return ["report", path]
+
+
+def _no_nan_checkpoint(result, p, t):
+    out = t / "nan.pt"
+    assert not out.exists() or all(bool(torch.isfinite(v).all())
+                                   for v in torch.load(out, weights_only=True)["state_dict"].values()
+                                   if v.is_floating_point())
+
+
 ERR, OK = "error", "ok"
 CASES: dict[str, Case] = {
     # ---- readers never write
@@ -272,6 +460,70 @@ CASES: dict[str, Case] = {
     # ---- data files
     "truncated npz": Case(_attack("ckpt", "npz_cut"), ERR, "is not a readable .npz file", ("npz_cut",)),
     "NaN pixels": Case(_attack("ckpt", "npz_nan", n=8), ERR, "NaN or infinite pixels (first in image 3)"),
+    # ---- verdicts are never lost, faked or mixed
+    "another ε keeps the first ε's alarms": Case(_alarm_then_other_eps, ERR, "is unreliable", (),
+                                                 _first_eps_alarms_kept),
+    "batch statistics in forward (.pt2 exported in train mode)": Case(
+        _with_checks("train_mode"), ERR, "is unreliable", (), lambda r, p, t: _alarmed(r, "batch-dependent")),
+    "killed between two members (--no-skip)": Case(lambda p, t: _killed(p, t, "second member"), ERR,
+                                                   "the evaluation is incomplete"),
+    "killed during the checks": Case(lambda p, t: _killed(p, t, "checks"), ERR,
+                                     "the evaluation is incomplete"),
+    "shards of different -n": Case(_two_shards(["-n", 10], ["-n", 16]), ERR, "planned differently"),
+    "shards of different ε": Case(_two_shards(["--eps", "0.1"], ["--eps", "0.2"]), ERR,
+                                  "planned differently"),
+    "finite logits, NaN input gradient": Case(_with_checks("nan_grad"), ERR, "is unreliable", (),
+                                              lambda r, p, t: _alarmed(r, "unusable-gradients")),
+    # ---- data
+    "--data-dir that does not exist": Case(_attack("ckpt", "npz", None, "--dataset", "fashion-mnist",
+                                                   "--data-dir", "/nonexistent"), ERR, "does not exist"),
+    "--data-dir without the data": Case(lambda p, t: attack_args(p["ckpt"], p["npz"], t / "o", "--dataset",
+                                                                 "fashion-mnist", "--data-dir", p["d"]),
+                                        ERR, "fashion-mnist test data not found in --data-dir"),
+    "IDX label count differs": Case(lambda p, t: attack_args(p["ckpt"], p["npz"], t / "o", "--dataset",
+                                                             "fashion-mnist", "--data-dir", p["idx_count"]),
+                                    ERR, "holds 32 images but t10k-labels-idx1-ubyte.gz 31 labels"),
+    "truncated .gz in --data-dir": Case(lambda p, t: attack_args(p["ckpt"], p["npz"], t / "o", "--dataset",
+                                                                 "fashion-mnist", "--data-dir", p["idx_cut"]),
+                                        ERR, "is truncated or damaged"),
+    # ---- nothing lost, directories stay usable
+    "gamma into an existing --out adds and resumes": Case(_gamma_two_models, OK, "", (), _gamma_both_kept),
+    "--seed beyond 64 bits": Case(_attack("ckpt", "npz", None, "--seed", "9" * 24), ERR,
+                                  "--seed must be an integer in 0..9223372036854775807"),
+    "a records file with a seed beyond 64 bits": Case(_huge_seed_in_records, ERR,
+                                                      "seed is '999999999999999999999999', expected an "
+                                                      "integer"),
+    "empty alarms.csv": Case(_broken_alarms(""), ERR, "is not a robusteval alarms file"),
+    "garbled alarms.csv": Case(_broken_alarms(",".join(alarms.COLUMNS) + "\nm,abc\n"), ERR,
+                               "line 2: 2 fields"),
+    # ---- model outputs of the wrong kind, and programs with a fixed batch
+    "model returns a tuple (attack)": Case(_attack("tuple"), ERR,
+                                           "returned a tuple of 2, not a tensor of logits"),
+    "model returns a dict (gamma)": Case(lambda p, t: _gamma(p["dict"], p["npz"], t / "g"), ERR,
+                                         "returned a dict (keys logits), not a tensor of logits"),
+    "model returns integer one-hot outputs": Case(_attack("onehot"), ERR, "returned int64 outputs"),
+    ".pt2 exported with a fixed batch": Case(_attack("static"), OK, "exported with a fixed batch of 4"),
+    # ---- damaged checkpoints name the field
+    "checkpoint without state_dict": Case(_attack("no_state"), ERR, "its field 'state_dict' is missing"),
+    "checkpoint without arch": Case(_attack("no_arch"), ERR, "its field 'arch' is missing"),
+    "checkpoint whose arch_kwargs is a list": Case(_attack("kwargs_list"), ERR,
+                                                   "its field 'arch_kwargs' is list, not a dict"),
+    "checkpoint whose state_dict is a list": Case(_attack("state_list"), ERR,
+                                                  "its field 'state_dict' is list, not a dict"),
+    # ---- budgets and values that cannot mean anything
+    "--restarts beyond any budget": Case(_attack("ckpt", "npz", None, "--restarts", "9" * 23), ERR,
+                                         "is above the supported maximum"),
+    "--queries 1e23": Case(_attack("ckpt", "npz", None, "--queries", "1e23"), ERR, "is not a valid integer"),
+    "--queries beyond any budget": Case(_attack("ckpt", "npz", None, "--queries", 10**12), ERR,
+                                        "--queries = 1000000000000 is above the supported maximum"),
+    "surface --extent nan": Case(lambda p, t: ["surface", "-m", p["ckpt"], "--dataset", f"npz:{p['npz']}",
+                                               "--eps", 0.05, "--extent", "nan", "--device", "cpu",
+                                               "--out", t / "s"], ERR, "--extent must be a positive finite"),
+    "surface --extent inf": Case(lambda p, t: ["surface", "-m", p["ckpt"], "--dataset", f"npz:{p['npz']}",
+                                               "--eps", 0.05, "--extent", "inf", "--device", "cpu",
+                                               "--out", t / "s"], ERR, "--extent must be a positive finite"),
+    "train --lr 1e6": Case(lambda p, t: _train(t / "nan.pt", "--lr", "1e6", "--epochs", 2), ERR,
+                           "training diverged", (), _no_nan_checkpoint),
 }
 
 
@@ -426,3 +678,52 @@ def test_safetensors_without_the_package_names_the_extra(tiny_ckpt, tmp_path, mo
                      tmp_path / "o"])
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert result.exit_code != 0 and len(errors) == 1 and "robusteval[safetensors]" in errors[0]
+
+
+# ------------------------------------------------------------------------------ writers and locks
+
+
+def test_a_second_writer_is_refused_and_the_directory_stays_usable(w, tmp_path):
+    from robusteval import rundir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with rundir.hold(out / ".lock", str(out)):  # another run holds the directory
+        busy = invoke(attack_args(w["ckpt"], w["npz"], out))
+        errors = [line for line in busy.stderr.splitlines() if line.startswith("Error")]
+        assert busy.exit_code != 0 and len(errors) == 1 and "is being written by another robusteval run" in \
+            errors[0] and f"pid {os.getpid()}" in errors[0]
+        assert not (out / records.FILENAME).exists()  # the refused run wrote nothing
+    done = invoke(attack_args(w["ckpt"], w["npz"], out))  # the holder is gone: the directory works
+    assert done.exit_code == 0, done.output
+    assert invoke(["report", out]).exit_code == 0
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_file(w, tmp_path, monkeypatch):
+    import tempfile
+
+    target = tmp_path / "model.pt"
+    target.write_bytes(w["ckpt"].read_bytes())
+    before = target.read_bytes()
+    decoy = tmp_path / ".decoy.tmp"
+    decoy.write_bytes(b"")
+
+    def full_disk(*a, **kw):  # writes go to /dev/full, which fails every write with ENOSPC
+        return os.open("/dev/full", os.O_WRONLY), str(decoy)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    with pytest.raises(UserError, match="cannot write the checkpoint .*is the disk full.*unchanged"):
+        save_checkpoint(target, load_model(w["ckpt"]).model, "small_cnn", {"width": 4, "hidden": 16})
+    assert target.read_bytes() == before
+
+
+def test_verdicts_are_merged_never_erased(tmp_path):
+    path = tmp_path / "alarms.csv"
+    raised = alarms.Verdict("m", "sha", "randomness", 0.1, True, "two forwards differ")
+    clear = alarms.Verdict("m", "sha", "randomness", 0.1, False, "no difference")
+    other = alarms.Verdict("m", "sha", "randomness", 0.2, False, "no difference")
+    alarms.record(path, [raised])
+    kept = alarms.record(path, [clear, other])  # a later run measured it clear: the alarm stays
+    assert {(v.eps, v.raised, v.detail) for v in kept} == {(0.1, True, "two forwards differ"),
+                                                          (0.2, False, "no difference")}
+    assert alarms.read_file(path) == kept

@@ -109,7 +109,8 @@ def test_eps_round_trips_exactly_in_both_record_formats(eps, tmp_path):
     records.append(tmp_path / records.FILENAME, [base])
     assert records.read(tmp_path)["eps"].iloc[0] == eps
     row = {c: 0 for c in records.GAMMA_COLUMNS} | {"model": "m", "eps": eps, "eps_text": "8/255",
-                                                    "clean_correct": True, "gamma": eps / 3}
+                                                    "clean_correct": True, "gamma": eps / 3,
+                                                    "sqrt_gamma": (eps / 3) ** 0.5}
     records.append(tmp_path / records.GAMMA_FILENAME, [row], records.GAMMA)
     back = records.read_gamma(tmp_path).iloc[0]
     assert back["eps"] == eps and back["gamma"] == eps / 3 and back["eps_text"] == "8/255"

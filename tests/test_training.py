@@ -1,5 +1,6 @@
 """The reference trainer: LLR regulariser checks and batch-norm capture/replay (docs/methods.md,
-"LLR training"), one step of every method, the engine as the only inner loop, and bit-exact resume after interruption."""
+"LLR training"), one step of every method, the engine as the only inner loop, and bit-exact resume after
+interruption."""
 
 from __future__ import annotations
 

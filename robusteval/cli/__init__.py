@@ -29,6 +29,12 @@ _INTERRUPTED = {
 }
 
 
+def _oom():
+    """torch's out-of-memory error (a ``RuntimeError`` subclass) once torch is imported, else a stand-in."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings for a person: ``warning: ...`` on one line, no source location."""
     print(f"warning: {message}", file=file or sys.stderr)
@@ -45,6 +51,12 @@ class _Group(click.Group):
             raise click.ClickException(exc.as_flags()) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename or exc}") from None
+        except EOFError:  # a reader hit the end of a file early (without this, click prints "Aborted!")
+            raise click.ClickException("a file ended early (a truncated download or a damaged file)") \
+                from None
+        except (MemoryError, _oom()) as exc:
+            raise click.ClickException(f"out of memory ({type(exc).__name__}); lower --batch-size or --n") \
+                from None
         except OSError as exc:  # permissions, a file where a directory is expected, a full disk, ...
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None

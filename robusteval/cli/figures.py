@@ -12,7 +12,7 @@ from robusteval.cli import cli
 from robusteval.cli.common import resolve_device
 from robusteval.cli.options import check_fits, dataset_name, load, model_options, progress, resolve_eps
 from robusteval.errors import UserError
-from robusteval.paths import output_dir
+from robusteval.paths import atomic_write, output_dir
 
 
 def _example(name: str, data_dir, index: int):
@@ -48,7 +48,13 @@ def _run(attack, model, x, y, ids, seed):
                            on_run=lambda j, total, left: bar.update(task, completed=j + 1, total=total))
 
 
-def _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch):
+def _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch, seed=0, steps=None,
+           restarts=None):
+    from robusteval.evaluation import MAX_RESTARTS, MAX_STEPS, check_count, check_seed
+
+    check_seed(seed)
+    check_count(steps, "steps", MAX_STEPS)
+    check_count(restarts, "restarts", MAX_RESTARTS)
     device = resolve_device(device)
     lm = load(model, arch, device)
     full, one = _example(dataset_name(lm, dataset), data_dir, index)
@@ -108,12 +114,14 @@ def surface_command(model, index, eps, attack_name, steps, restarts, out, eps_sc
     from robusteval.figures import surface_figure
     from robusteval.linearity import loss_surface
 
-    if grid % 2 == 0:
-        raise UserError(f"--grid must be odd so that x itself is the centre of the grid, got {grid}")
+    if grid % 2 == 0 or grid > 1001:
+        raise UserError(f"--grid must be odd (x itself is the centre of the grid) and at most 1001, got "
+                        f"{grid}")
     if not (math.isfinite(extent) and extent > 0):
         raise UserError(f"--extent must be a positive finite number (units of ε), got {extent}")
     output_dir(out)
-    lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch)
+    lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch,
+                                           seed, steps, restarts)
     if radius <= 0:
         raise UserError("--eps must be positive for a loss surface")
     x, y = one.images.to(device), one.labels.to(device)
@@ -122,7 +130,7 @@ def surface_command(model, index, eps, attack_name, steps, restarts, out, eps_sc
     surf = loss_surface(lm.model, x[0], y[0], res.x_adv[0] - x[0], rand_direction=seed, eps=radius,
                         grid=grid, extent=extent)
     stem = Path(out) / f"surface_{_slug(lm.name)}_{index}"
-    surf.to_frame().to_csv(stem.with_suffix(".csv"), index=False)
+    atomic_write(stem.with_suffix(".csv"), surf.to_frame().to_csv(index=False))
     label = full.classes[int(y)] if int(y) < len(full.classes) else str(int(y))
     surface_figure(surf, stem.with_suffix(".png"),
                    title=f"{lm.name}: loss around {full.name} test #{index} ({label}), ε = {radius:.4g}")
@@ -149,7 +157,8 @@ def show_command(model, index, eps, attack_name, steps, restarts, out, eps_scale
     from robusteval.figures import perturbation_figure
 
     output_dir(out)
-    lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch)
+    lm, full, one, radius, device = _setup(model, index, eps, eps_scale, dataset, data_dir, device, arch,
+                                           seed, steps, restarts)
     x, y = one.images.to(device), one.labels.to(device)
     atk = _attack(attack_name, radius, steps, restarts)
     res = _run(atk, lm.model, x, y, one.ids, seed)

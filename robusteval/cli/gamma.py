@@ -78,16 +78,12 @@ def _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n
 
     import torch
 
-    from attacks.seeding import MAX_SEED
     from robusteval import distributed, records, rundir
     from robusteval.linearity import gamma_records
 
     device = resolve_device(device)
     step = parse_step_size(step_size)
-    if eps is not None:
-        parse_eps(eps, eps_scale)  # a bad ε fails before any model loads
-    if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED} (2^63 − 1), got {seed}")
+    _check_options(eps, eps_scale, seed, steps, restarts, batch_size, n, bins)
     out = Path(out)
     shard = ctx.shard if ctx is not None else None
     writer = rundir.RunDir(out, shard)
@@ -130,6 +126,19 @@ def _gamma(ctx, models, eps, eps_scale, dataset, data_dir, device, arch, seed, n
             _merge_gamma_shards(out, ctx.world, names)
     path = out / records.GAMMA_FILENAME
     _figures(path, out, names, bins, log_counts)
+
+
+def _check_options(eps, eps_scale, seed, steps, restarts, batch_size, n, bins) -> None:
+    """Every option that is a number, before any model loads (a bad ε, seed or budget is one line)."""
+    from robusteval.evaluation import MAX_BATCH, MAX_RESTARTS, MAX_STEPS, check_count, check_seed
+
+    if eps is not None:
+        parse_eps(eps, eps_scale)
+    check_seed(seed)
+    for value, what, upper, low in ((steps, "steps", MAX_STEPS, 0), (restarts, "restarts", MAX_RESTARTS, 1),
+                                    (batch_size, "batch_size", MAX_BATCH, 1), (n, "n", 1 << 62, 1),
+                                    (bins, "bins", 10_000, 1)):
+        check_count(value, what, upper, low)
 
 
 def _remaining(existing, name: str, sha: str, ds, settings: dict, path):

@@ -230,7 +230,18 @@ def save_checkpoint(
         "versions": {"robusteval": __version__, "torch": str(torch.__version__)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    return _write(path, lambda f: torch.save(payload, f))
+
+
+def _write(path: Path, write) -> Path:
+    """:func:`atomic_write`, with a failed write (a full disk: torch's serializer raises a RuntimeError,
+    the file system an OSError) as one :class:`UserError` line; the previous file is left as it was."""
+    try:
+        return atomic_write(path, write)
+    except (RuntimeError, OSError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:120]
+        kept = "the previous checkpoint is unchanged" if path.exists() else "nothing was written"
+        raise UserError(f"cannot write the checkpoint {path} ({why}; is the disk full?); {kept}") from None
 
 
 _SAFETENSORS_MISSING = ("safetensors files need the optional 'safetensors' package: "
@@ -254,7 +265,7 @@ def _save_safetensors(path: Path, state: dict, meta: dict) -> Path:
                         "training/metrics/extra, e.g. trainer resume state): save it as .pt") from None
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     blob = st.save(tensors, metadata={"robusteval": header})
-    return atomic_write(path, lambda f: f.write(blob))
+    return _write(path, lambda f: f.write(blob))
 
 
 # -------------------------------------------------------------------------------------------- loading

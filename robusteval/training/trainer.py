@@ -157,6 +157,14 @@ def make_config(method: str, dataset: str = "fashion-mnist", **given) -> TrainCo
 
 
 def _validate(cfg: TrainConfig) -> None:
+    from robusteval.evaluation import MAX_BATCH, MAX_STEPS, check_count, check_seed
+
+    check_seed(cfg.seed)
+    counts = ((cfg.epochs, "epochs", 100_000, 1), (cfg.batch_size, "batch_size", MAX_BATCH, 2),
+              (cfg.steps, "steps", MAX_STEPS, 0), (cfg.eval_steps, "eval_steps", MAX_STEPS, 0),
+              (cfg.n_train, "n_train", 1 << 40, 1), (cfg.eval_n, "eval_n", 1 << 40, 0))
+    for value, what, upper, low in counts:
+        check_count(value, what, upper, low)
     checks = [
         (cfg.epochs >= 1, f"`epochs` must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 2, f"`batch_size` must be >= 2 (batch norm needs a batch), got {cfg.batch_size}"),
@@ -500,12 +508,14 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
     eps_t = eps_at(cfg, t, ck.steps_per_epoch)
     ck.mutating = True
     res = compute_loss(loss_cfg, ck.model, x, y, eps=eps_t, ids=ids, seed=_seed(cfg, t, seeding.TRAIN_ATTACK))
+    loss_value = float(res.loss.detach())
+    if not math.isfinite(loss_value):  # before the step: the weights on disk and in memory stay finite
+        _diverged(ck, f"the loss is {loss_value} at epoch {epoch + 1}, step {i + 1}")
     ck.opt.zero_grad(set_to_none=True)
     res.loss.backward()
     if ck.world > 1:
         _average_gradients(ck.model, ck.world)
     ck.opt.step()
-    loss_value = float(res.loss.detach())
     correct = int((res.logits.detach().argmax(1) == y).sum())
     ck.sums["loss"] += loss_value * len(y)
     ck.sums["correct"] += correct
@@ -515,11 +525,24 @@ def _train_step(cfg: TrainConfig, loss_cfg: LossConfig, ck: _Checkpointer, train
     return loss_value, correct, eps_t, res.parts
 
 
+def _diverged(ck: _Checkpointer, what: str) -> None:
+    kept = f"{ck.out} keeps its last checkpoint, whose weights are finite" if ck.out.exists() else \
+        "nothing was saved"
+    lr = ck.opt.param_groups[0]["lr"]
+    raise UserError(f"training diverged: {what} (learning rate {lr:g} at that step); {kept}; lower `lr` or "
+                    "check the data")
+
+
 def _end_of_epoch(cfg: TrainConfig, ck: _Checkpointer, heldout, epoch: int, lr: float, started: float,
                   device) -> str:
     """Held-out check, history record, checkpoint; returns the epoch's summary line."""
     if ck.world > 1:
         _reduce_epoch(ck, ck.world)
+    bad = [name for name, t in ck.model.state_dict().items() if t.is_floating_point() and
+           not bool(torch.isfinite(t).all())]
+    if bad:  # never write a checkpoint of NaN weights over a good one
+        _diverged(ck, f"{len(bad)} tensor(s) of the model are not finite after epoch {epoch + 1} "
+                      f"(e.g. {bad[0]})")
     sums = ck.sums
     last_eps = eps_at(cfg, (epoch + 1) * ck.steps_per_epoch - 1, ck.steps_per_epoch)
     record = {"epoch": epoch + 1, "lr": lr, "train_eps": last_eps,
