@@ -35,6 +35,8 @@ from .engine import (
     Maximize,
     NonFiniteLogits,
     Result,
+    eot_value,
+    expected_logits,
     run,
 )
 from .objectives import (
@@ -90,7 +92,7 @@ __all__ = [
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
     "UniformStart", "NoStart", "StripeStart", "DiverseStart", "linearised_distance", "RandomSquares",
     "WindowSchedule", "square",
-    "example_seed", "generators", "seeding", "threat_of",
+    "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
     "LinfBall",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",

@@ -28,7 +28,7 @@ each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -211,10 +211,14 @@ class Attack:
     targets: TargetPolicy = Untargeted()
     tracking: Tracking = Evasion()
     start: StartPolicy = UniformStart()
+    #: EoT: draws of a randomised model's output averaged at every evaluation (1: a deterministic model).
+    draws: int = field(default=1, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
             raise ValueError("steps must be ≥ 0 and restarts ≥ 1")
+        if not isinstance(self.draws, int) or isinstance(self.draws, bool) or self.draws < 1:
+            raise ValueError(f"draws must be an integer ≥ 1, got {self.draws!r}")
         if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
         if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart)):
@@ -239,9 +243,13 @@ class Attack:
         """A one-line description of every field, stored with each record.
 
         Stable from run to run (a function is written by its qualified name, never its address) and
-        round-trips: ``attacks.from_config(atk.config()) == atk``.
+        round-trips: ``attacks.from_config(atk.config()) == atk``. A field added after the first release
+        (``draws``) is written only when it differs from its default, which reproduces the behaviour from
+        before it existed: the configurations of earlier runs keep their text.
         """
-        return ", ".join(f"{f.name}={stable_repr(getattr(self, f.name))}" for f in fields(self))
+        shown = [f for f in fields(self)
+                 if not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)]
+        return ", ".join(f"{f.name}={stable_repr(getattr(self, f.name))}" for f in shown)
 
 
 @dataclass
@@ -295,9 +303,35 @@ def _check_inputs(attack: Attack, x, y, ids):
     return x, y, ids
 
 
-def _clean_logits(model, x, ids) -> torch.Tensor:
+def expected_logits(model, x: torch.Tensor, draws: int = 1) -> torch.Tensor:
+    """``model(x)``, or with ``draws`` > 1 its mean over that many draws of a randomised model's output:
+    every example repeated ``draws`` times in one batch (EoT; Athalye et al. 2018)."""
+    if draws == 1:
+        return model(x)
+    z = model(x.repeat_interleave(draws, 0))
+    return z.view(x.shape[0], draws, *z.shape[1:]).mean(1)
+
+
+def eot_value(objective, model, x: torch.Tensor, xs: torch.Tensor, y: torch.Tensor, data: dict,
+              draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the objective at ``x`` (clean inputs ``xs``), averaged over ``draws`` draws of the
+    model: with every example repeated ``draws`` times in one batch, the gradient of the mean value is
+    the mean of the draws' gradients — the expectation over transformation (EoT) of the objective's
+    gradient. The logits returned are the draws' mean (they decide success)."""
+    if draws == 1:
+        z = model(x).float()
+        return z, objective(z, y, x - xs if objective.needs_delta else None, data)
+    rep = lambda t: t.repeat_interleave(draws, 0)
+    zk = model(rep(x)).float()
+    delta = rep(x - xs) if objective.needs_delta else None
+    vk = objective(zk, rep(y), delta, {k: rep(v) for k, v in data.items()})
+    n = x.shape[0]
+    return zk.view(n, draws, -1).mean(1), vk.view(n, draws).mean(1)
+
+
+def _clean_logits(model, x, ids, draws: int = 1) -> torch.Tensor:
     with torch.no_grad():
-        z0 = model(x).detach()
+        z0 = expected_logits(model, x, draws).detach()
     if z0.ndim != 2 or z0.shape[0] != x.shape[0]:
         raise ValueError(f"the model must return logits of shape [batch, classes]; got {tuple(z0.shape)}")
     bad = ~torch.isfinite(z0).all(1)
@@ -383,8 +417,8 @@ def run(
     else:
         every = int(compact)
     n, track = x.shape[0], attack.tracking
-    z0 = _clean_logits(model, x, ids)
-    counter = {"rows": n, "nonfinite": torch.zeros(n, dtype=torch.bool, device=x.device)}
+    z0 = _clean_logits(model, x, ids, attack.draws)
+    counter = {"rows": n * attack.draws, "nonfinite": torch.zeros(n, dtype=torch.bool, device=x.device)}
     aux = {k: torch.as_tensor(v).to(x.device) for k, v in (aux or {}).items()}
     prepared = attack.objective.prepare(model, x, y, aux)
     counter["rows"] += n if set(prepared) != set(aux) else 0
@@ -497,15 +531,15 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         live = ~rows.best.success  # rows whose result can still change
         with torch.enable_grad() if grad_on else torch.no_grad(), precision:
             leaf = rows.x.detach().requires_grad_(grad_on)
-            z = model(leaf).float()
             data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
-            val = obj(z, rows.ys, leaf - rows.xs if obj.needs_delta else None, data)
+            z, val = eot_value(obj, model, leaf, rows.xs, rows.ys, data, attack.draws)
             grad = _input_gradient(val, leaf) if grad_on else None
-        counter["rows"] += rows.act.numel()
+        counter["rows"] += rows.act.numel() * attack.draws
         z, val = z.detach(), val.detach()
         margin = obj.untargeted_margin(z, rows.ys, val)
         if low is not None:
-            z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter)
+            z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter,
+                                              attack.draws)
         counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
         it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target)
         attack.tracking.observe(rows.best, it, last)
@@ -525,18 +559,17 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     return rows
 
 
-def _confirm_in_fp32(obj, model, rows: _Rows, x, z, val, margin, data, counter):
+def _confirm_in_fp32(obj, model, rows: _Rows, x, z, val, margin, data, counter, draws: int = 1):
     """Re-evaluate in fp32 the rows whose low-precision margin says "adversarial"; their fp32 logits,
     objective and margin replace the low-precision ones, so success is always an fp32 verdict."""
     cand = ((margin > 0) & ~rows.best.success).nonzero()[:, 0]
     if cand.numel() == 0:
         return z, val, margin
     with torch.no_grad():
-        z32 = model(x[cand]).float()
         sub = {k: v[cand] for k, v in data.items()}
-        v32 = obj(z32, rows.ys[cand], (x - rows.xs)[cand] if obj.needs_delta else None, sub)
+        z32, v32 = eot_value(obj, model, x[cand], rows.xs[cand], rows.ys[cand], sub, draws)
         m32 = obj.untargeted_margin(z32, rows.ys[cand], v32)
-    counter["rows"] += cand.numel()
+    counter["rows"] += cand.numel() * draws
     return z.index_copy(0, cand, z32), val.index_copy(0, cand, v32), margin.index_copy(0, cand, m32)
 
 

@@ -24,6 +24,12 @@ PROBE = (1 << 40) + 7
 ALARM_START = 1 << 42
 #: The masking checks: the order in which examples are regrouped to test batch independence.
 BATCH_ORDER = (1 << 42) + 1
+#: A randomised model's own draws (it reads the global RNG, which is forked and seeded per batch from
+#: these): during an attack (plus a per-attack offset), when judging points over many draws, and in the
+#: search for the number of EoT samples.
+MODEL_DRAWS = 1 << 43
+JUDGE = (1 << 43) + (1 << 20)
+EOT_SEARCH = (1 << 43) + (2 << 20)
 
 # The trainer seeds by (seed, step or epoch, tag): its index is a step, not an example id.
 TRAIN_ORDER, TRAIN_AUGMENT, TRAIN_ATTACK, TRAIN_EVAL = 1, 2, 3, 4

@@ -70,6 +70,8 @@ MAX_BYTES = 64 << 20
 
 PRE = ("randomness", "batch-dependent", "probability-outputs", "unusable-gradients", "autograd-in-forward")
 POST = ("black-box-beats-white-box", "no-convergence-at-large-eps", "non-monotone-in-eps")
+#: The randomised protocol's own check (robusteval.randomness): EoT's sample count settled.
+EOT = "eot-convergence"
 
 REMEDIES = {
     "randomness": "average the model's outputs (EoT: repeat each forward and average the logits) and "
@@ -87,6 +89,8 @@ REMEDIES = {
                                    "and check the model's input range and preprocessing",
     "non-monotone-in-eps": "the attacks did not converge at the larger ε: raise --steps / --restarts and add "
                            "Square",
+    "eot-convergence": "the robust accuracy still changed when the EoT samples doubled: raise --eot-max, and "
+                       "report the number as an upper bound",
 }
 
 
@@ -237,12 +241,13 @@ def black_box(name: str, sha: str, eps: float, df: pd.DataFrame, gradient_free: 
                    f"robust{share}")
 
 
-def large_eps(name: str, sha: str, model, x, y, ids, seed: int = 0) -> tuple[bool, str]:
-    """An untargeted attack at ε = :data:`LARGE_EPS` on the clean-correct ``x`` (at most :data:`SUBSET`)."""
+def large_eps(name: str, sha: str, model, x, y, ids, seed: int = 0, draws: int = 1) -> tuple[bool, str]:
+    """An untargeted attack at ε = :data:`LARGE_EPS` on the clean-correct ``x`` (at most :data:`SUBSET`;
+    ``draws`` EoT samples for a randomised model)."""
     x, y, ids = x[:SUBSET], y[:SUBSET], torch.as_tensor(ids)[:SUBSET]
     if len(x) == 0:
         return False, "no clean-correct example to check"
-    atk = attacks.get("untargeted", LARGE_EPS, steps=20, restarts=1)
+    atk = attacks.get("untargeted", LARGE_EPS, steps=20, restarts=1, draws=draws)
     res = attacks.run(atk, model, x, y, ids=ids, seed=seed)
     robust = float((~res.success).float().mean())
     return robust > LARGE_EPS_ROBUST, (f"at ε = {LARGE_EPS} an untargeted attack leaves {robust:.0%} of "

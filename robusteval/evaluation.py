@@ -127,8 +127,10 @@ class Evaluation:
     masking checks of :mod:`robusteval.alarms` (Square ends the battery as the black-box check).
     ``no_skip``: every attack on every clean-correct example (else each only on the survivors of the
     ones before it). ``precision``: the attacks' passes under autocast (verification stays fp32).
-    ``shard=(i, n)``: only the examples at positions ``i, i + n, ...``. ``out``: the run directory
-    (records, plan, alarms; a rerun resumes), ``None`` keeps everything in memory.
+    ``randomized``: the randomised protocol (:mod:`robusteval.randomness`: EoT gradients with at most
+    ``eot_max`` samples, every point judged over ``draws`` draws) — ``None``: when the randomness check
+    finds random outputs. ``shard=(i, n)``: only the examples at positions ``i, i + n, ...``. ``out``:
+    the run directory (records, plan, alarms; a rerun resumes), ``None`` keeps everything in memory.
     """
 
     models: tuple
@@ -147,6 +149,9 @@ class Evaluation:
     bpda: bool = False
     no_skip: bool = False
     checks: bool = True
+    randomized: bool | None = None
+    draws: int = 20
+    eot_max: int = 32
     shard: tuple[int, int] | None = None
     batch_size: int = 128
     device: str = "auto"
@@ -180,6 +185,10 @@ class Evaluation:
                 raise UserError(f"`shard` must be I/N with 0 ≤ I < N, got {i}/{k}")
             set_("shard", (int(i), int(k)))
         check_count(self.batch_size, "batch_size", MAX_BATCH)
+        check_count(self.draws, "draws", 10_000)
+        check_count(self.eot_max, "eot_max", 4_096, minimum=2)
+        if self.randomized not in (None, True, False):
+            raise UserError(f"`randomized` must be true, false or unset, got {self.randomized!r}")
         if self.out is not None:
             set_("out", Path(self.out))
         self.build(self.eps[0] if self.eps else 0.1)  # an unknown attack or a useless budget fails here
@@ -198,9 +207,13 @@ class Evaluation:
         """One threat value per radius: the ``norm`` ball of that radius intersected with [0, 1]."""
         return [attacks.threat_of(e) for e in self.radii(dataset)]
 
-    def build(self, threat, full_check: bool = False) -> Battery:
-        """The battery for one threat (see :func:`build_battery`)."""
-        return build_battery(self.battery, threat, self.budget, self.checks, full_check)
+    def build(self, threat, full_check: bool = False, draws: int = 1) -> Battery:
+        """The battery for one threat (see :func:`build_battery`), every attack with ``draws`` EoT samples."""
+        battery = build_battery(self.battery, threat, self.budget, self.checks, full_check)
+        if draws == 1:
+            return battery
+        members = tuple(a.replace(draws=draws) for a in battery.members)
+        return Battery(members, battery.check.replace(draws=draws) if battery.check is not None else None)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class Unit:
     attacks: tuple[PlannedAttack, ...]
     checks: tuple[str, ...] = ()
     norm: str = "linf"
+    eot: int = 1  # EoT samples per evaluation in the attacks (randomised models; 1 otherwise)
+    judge_draws: int = 1  # draws every point is judged over (randomised models; 1 otherwise)
 
     @property
     def key(self) -> tuple[str, float]:
@@ -143,6 +145,10 @@ def _merge_unit(old: Unit | None, new: Unit, where) -> Unit:
         raise UserError(f"{where} already has a model named {new.model!r} with another checkpoint "
                         f"({old.checkpoint_sha256[:12]} vs {new.checkpoint_sha256[:12]}); use a fresh output "
                         "directory or give the file another name")
+    if (old.eot, old.judge_draws) != (new.eot, new.judge_draws):
+        raise UserError(f"{where} already evaluated {new.model} at ε={new.eps:.6g} with {old.eot} EoT "
+                        f"sample(s) judged over {old.judge_draws} draw(s), not {new.eot} and "
+                        f"{new.judge_draws}; use a fresh output directory, or the same options to resume")
     planned = list(old.attacks)
     for a in new.attacks:
         before = old.attack(a.name)
@@ -238,10 +244,13 @@ def _from_dict(d: dict) -> Plan:
         eps = _typed(u["eps"], float, "eps")
         if not 0 <= eps <= 1:
             raise ValueError(f"eps {eps} outside [0, 1]")
+        draws = (_typed(u["eot"], int, "eot"), _typed(u["judge_draws"], int, "judge_draws"))
+        if min(draws) < 1:
+            raise ValueError("eot and judge_draws must be ≥ 1")
         units.append(Unit(_typed(u["model"], str, "model"), _typed(u["checkpoint_sha256"], str, "sha256"),
                           float(eps), tuple(planned),
                           tuple(_typed(c, str, "a check") for c in _typed(u["checks"], list, "checks")),
-                          _typed(u.get("norm", "linf"), str, "norm")))
+                          _typed(u["norm"], str, "norm"), *draws))
     seed = _typed(d["seed"], int, "seed")
     if not 0 <= seed < (1 << 63) or any(not -(1 << 63) <= i < (1 << 63) for i in ids):
         raise ValueError("a seed or an example id outside the 64-bit range")

@@ -61,14 +61,15 @@ COLUMNS: tuple[str, ...] = (
     "example_sha", "attack", "attack_config", "eps", "seed", "mode", "status",
     "clean_pred", "adv_pred", "clean_correct", "success", "robust",
     "margin", "objective", "linf", "restart", "steps", "target", "targeted_success", "seconds",
+    "draws", "clean_share", "robust_share",
 )  # fmt: skip
 STRINGS = ("model", "checkpoint_sha256", "train_method", "dataset", "example_sha", "attack", "attack_config",
            "mode", "status")
-INTS = ("example_id", "label", "seed", "clean_pred", "adv_pred", "restart", "steps", "target")
+INTS = ("example_id", "label", "seed", "clean_pred", "adv_pred", "restart", "steps", "target", "draws")
 BOOLS = ("clean_correct", "success", "robust", "targeted_success")
-FLOATS = ("eps", "margin", "objective", "linf", "seconds")
+FLOATS = ("eps", "margin", "objective", "linf", "seconds", "clean_share", "robust_share")
 NULLABLE_INTS = ("train_steps",)
-NULLABLE_FLOATS = ("margin", "objective", "linf")  # NaN for rows that were not attacked
+NULLABLE_FLOATS = ("margin", "objective", "linf", "robust_share")  # NaN for rows that were not attacked
 STATUSES = ("attacked", "clean-wrong", "skipped")
 #: ``+bf16``/``+fp16``: the attack's passes ran under autocast (points still verified in fp32).
 MODES = ("skip", "no-skip", "skip+bf16", "no-skip+bf16", "skip+fp16", "no-skip+fp16")
@@ -301,16 +302,29 @@ def _record_rules(df: pd.DataFrame) -> list:
     """Each record must be internally consistent: a number can only be inflated by a row that says
     ``robust`` for an example that was misclassified, skipped, or re-classified as another class."""
     attacked, wrong, skipped = (df["status"] == s for s in STATUSES)
+    single = df["draws"] == 1
+    share = df["robust_share"]
     return [
+        (df["draws"] < 1, "draws is below 1"),
+        ((df["clean_share"] < 0) | (df["clean_share"] > 1) | (share < 0) | (share > 1),
+         "a share of draws outside [0, 1]"),
+        (df["clean_correct"] != (df["clean_share"] == 1), "clean_correct disagrees with clean_share"),
+        (df["robust"] & ~(share == 1), "a robust row is not correct in every draw (robust_share < 1)"),
+        (single & ~skipped & (share != df["robust"].astype(float)), "robust_share disagrees with robust"),
         (df["clean_correct"] != (df["clean_pred"] == df["label"]), "clean_correct disagrees with clean_pred "
                                                                     "and label"),
         (wrong & (df["clean_correct"] | df["robust"] | df["success"]), "a clean-wrong row is clean-correct, "
                                                                         "robust or a success"),
-        (skipped & (~df["clean_correct"] | df["robust"] | df["success"]),
+        (skipped & ((single & ~df["clean_correct"]) | df["robust"] | df["success"]),
          "a skipped row is not clean-correct, or is robust or a success"),
-        (attacked & ~df["clean_correct"], "an attacked row is not clean-correct"),
-        (attacked & (df["robust"] != (df["adv_pred"] == df["label"])), "robust disagrees with adv_pred and "
-                                                                        "label"),
+        (attacked & single & ~df["clean_correct"], "an attacked row is not clean-correct"),
+        (attacked & (df["clean_share"] == 0), "an attacked row was never classified correctly"),
+        (wrong & (df["clean_share"] > 0), "a clean-wrong row is sometimes classified correctly"),
+        (attacked & single & (df["robust"] != (df["adv_pred"] == df["label"])),
+         "robust disagrees with adv_pred and label"),
+        (attacked & df["robust"] & (df["adv_pred"] != df["label"]), "a robust row has another adv_pred"),
+        (attacked & ~single & (df["robust"] != ((share == 1) & df["clean_correct"])),
+         "robust is not 'correct in every draw, clean and adversarial'"),
         (attacked & (df["success"] == df["robust"]), "success and robust agree (one negates the other)"),
         (attacked & ~(df["linf"] <= df["eps"] + TOLERANCE), "the point is outside the ε-ball (linf > eps)"),
     ]

@@ -33,6 +33,8 @@ from robusteval.plan import eps_key
 
 UNIT = ("model", "dataset", "eps", "example_id")
 NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
+#: A randomised model's numbers judged by the mean share of correct draws (beside the worst case).
+NOMINAL_EXPECTED, EXPECTED = "Nominal (expected)", "Expected"
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε",
            "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
@@ -77,8 +79,13 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
         rows.insert(rows.index("eps") if "eps" in rows else len(rows), "dataset")
     unit = list(dict.fromkeys([*rows, *UNIT]))
     groups = dict(sort=False, dropna=False)
-    per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"))
+    random = "draws" in df.columns and bool((df["draws"] > 1).any())
+    per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"),
+                                              **({"clean_share": ("clean_share", "max"),
+                                                  "share": ("robust_share", "min")} if random else {}))
     table = per_unit.groupby(rows, **groups).agg(**{COUNT: ("clean", "size"), NOMINAL: ("clean", "mean")})
+    if random:  # the same two numbers judged by the mean share of correct draws
+        table[NOMINAL_EXPECTED] = per_unit.groupby(rows, **groups)["clean_share"].mean()
     complete = pd.Series(True, index=table.index)
     for value in pd.unique(df[columns]):
         sub = df[df[columns] == value]
@@ -92,10 +99,12 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
         table[label] = per_example.mean().where(done)
     if worst_case and columns == "attack":
         table[WORST] = per_unit.groupby(rows, **groups)["robust"].mean().where(complete)
+        if random:
+            table[EXPECTED] = per_unit.groupby(rows, **groups)["share"].mean().where(complete)
     return table.reset_index()
 
 
-ALARMS, STATUS = "Alarms", "Status"
+ALARMS, STATUS, PROTOCOL = "Alarms", "Status", "Protocol"
 
 
 def _rows_of(table: pd.DataFrame, df: pd.DataFrame):
@@ -145,11 +154,27 @@ def mark_status(table: pd.DataFrame, df: pd.DataFrame, gaps, planned=None) -> pd
         elif mine:
             what = sorted({g.what for g in mine})
             cells.append("incomplete: " + ", ".join(what))
-            if WORST in out.columns:
-                out.loc[out.index[i], WORST] = float("nan")
+            for col in (WORST, EXPECTED):
+                if col in out.columns:
+                    out.loc[out.index[i], col] = float("nan")
         else:
             cells.append("complete")
     out[STATUS] = cells
+    return out
+
+
+def mark_protocol(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Add a ``Protocol`` column when any row is a randomised model's: ``EoT K, M draws`` (the attacks'
+    EoT samples, the draws every point was judged over) or ``deterministic``."""
+    if "draws" not in df.columns or not bool((df["draws"] > 1).any()):
+        return table
+    cells = []
+    for sub in _rows_of(table, df):
+        draws = int(sub["draws"].max())
+        eot = sorted({int(k) for k in sub["attack_config"].str.extract(r"draws=(\d+)")[0].dropna()})
+        cells.append(f"EoT {'/'.join(map(str, eot)) or 1}, {draws} draws" if draws > 1 else "deterministic")
+    out = table.copy()
+    out[PROTOCOL] = cells
     return out
 
 
@@ -182,7 +207,7 @@ def run_table(view, rows=("model",), columns: str = "attack") -> tuple[pd.DataFr
     """The table of a run view (:class:`robusteval.runs.View`) with its Alarms and Status columns, and
     the note under it: how columns were computed, every alarm with its remedy, what is missing."""
     df = view.records
-    table = summarize(df, rows=rows, columns=columns)
+    table = mark_protocol(summarize(df, rows=rows, columns=columns), df)
     if view.verdicts is not None:
         table = mark_alarms(table, df, view.verdicts)
     table = mark_status(table, df, view.gaps, view.planned)
@@ -205,13 +230,19 @@ def mode_note(df: pd.DataFrame) -> str:
     low = sorted({m.split("+")[1] for m in df["mode"].unique() if "+" in m})
     if low:
         check += (f"; attack passes ran in {'/'.join(low)} (autocast), every point was verified in fp32")
+    if "draws" in df.columns and bool((df["draws"] > 1).any()):
+        eot = sorted({int(k) for k in df["attack_config"].str.extract(r"draws=(\d+)")[0].dropna()})
+        check += (f"; randomised model: EoT with {'/'.join(map(str, eot)) or '1'} samples, every point "
+                  f"judged over {int(df['draws'].max())} draws — Nominal and Worst case count an example "
+                  "only if every draw classifies it correctly, the (expected) columns give the mean share "
+                  "of correct draws")
     modes = set(base[~black_box].unique()) or set(base.unique())
     if modes == {"no-skip"}:
         return ("Each gradient attack ran on every clean-correct example (--no-skip)" + check +
                 "; Worst case = robust to all attacks.")
     note = ("Battery mode: each attack ran only on the survivors of the attacks before it, so an attack's "
             "column is the accuracy against it and all earlier attacks; use --no-skip for independent "
-            "columns.")
+            "columns" + check + ".")
     return note if modes == {"skip"} else "Mixed records (skip and no-skip); " + note
 
 

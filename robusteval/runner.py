@@ -26,14 +26,14 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 from torch import nn
 
 import attacks
-from robusteval import alarms, fit, plan, progress, records
+from robusteval import alarms, fit, plan, progress, randomness, records
 from robusteval.data import Dataset, default_eps_text, load_dataset
 from robusteval.errors import UserError
 from robusteval.evaluation import Battery, Evaluation
@@ -59,10 +59,24 @@ class Subject:
     clean_pred: torch.Tensor
     device: torch.device
     verdicts: list = field(default_factory=list)
+    #: The randomised protocol (robusteval.randomness): EoT samples in the attacks, draws per judgement,
+    #: and each example's share of correct clean draws (0 or 1 for a deterministic model).
+    eot: int = 1
+    judge_draws: int = 1
+    clean_share: torch.Tensor | None = None
 
     @property
     def model(self) -> nn.Module:
         return self.loaded.model
+
+    @property
+    def random(self) -> bool:
+        return self.judge_draws > 1
+
+    @property
+    def attackable(self) -> torch.Tensor:
+        """Examples to attack: clean-correct (randomised: correct in at least one draw)."""
+        return self.clean_share > 0
 
     @property
     def sha256(self) -> str:
@@ -149,7 +163,8 @@ def prepare(loaded: LoadedModel, ds: Dataset, ev: Evaluation, threats, device: s
             attacked, name = _bpda(loaded, ds, ev.batch_size, dev), f"{loaded.name}+bpda"
     if ev.compile:
         attacked = torch.compile(attacked)
-    return Subject(name, loaded, attacked, pred, dev)
+    share = (pred == ds.labels.long()).float()
+    return Subject(name, loaded, attacked, pred, dev, clean_share=share)
 
 
 def _bpda(loaded: LoadedModel, ds: Dataset, batch_size: int, device) -> nn.Module:
@@ -168,6 +183,30 @@ def _bpda(loaded: LoadedModel, ds: Dataset, batch_size: int, device) -> nn.Modul
 def _clean_correct(ds: Dataset, s: Subject):
     keep = (s.clean_pred == ds.labels.long()).nonzero()[:, 0][: alarms.SUBSET]
     return ds.images[keep].to(s.device), ds.labels[keep].long().to(s.device), ds.ids[keep]
+
+
+def _randomise(s: Subject, ds: Dataset, ev: Evaluation, threats) -> None:
+    """The randomised protocol for ``s`` (:mod:`robusteval.randomness`): judge every clean input over
+    ``ev.draws`` draws, choose the EoT samples on a subset, and record both in the verdicts."""
+    s.judge_draws = ev.draws
+    shares, preds = [], []
+    with eval_mode(s.model):
+        for x, y, ids in ds.batches(ev.batch_size):
+            j = randomness.judge(s.model, x.to(s.device), y.long().to(s.device), ev.draws, ev.seed,
+                                 int(ids[0]))
+            shares.append(j.share.cpu())
+            preds.append(j.pred.cpu())
+        s.clean_share, s.clean_pred = torch.cat(shares), torch.cat(preds)
+        keep = (s.clean_share == 1).nonzero()[:, 0][: randomness.SUBSET]
+        x, y, ids = ds.images[keep].to(s.device), ds.labels[keep].long().to(s.device), ds.ids[keep]
+        first = ev.build(threats[0]).members[0]
+        choice = randomness.choose_draws(first, s.attacked, x, y, ids, ev.draws, ev.seed, ev.eot_max)
+    s.eot = choice.draws
+    protocol = f"evaluated with EoT ({choice.draws} samples) and judged over {ev.draws} draws"
+    s.verdicts = [replace(v, raised=False, detail=f"{v.detail}; {protocol}") if v.check == "randomness"
+                  else v for v in s.verdicts]
+    s.verdicts += [alarms.Verdict(s.name, s.sha256, alarms.EOT, t.eps, not choice.converged,
+                                  choice.detail(len(keep))) for t in threats]
 
 
 def _pre_checks(s: Subject, ds: Dataset, threats, seed: int) -> list:
@@ -199,10 +238,12 @@ def _plan(ev: Evaluation, ds: Dataset, selected: Dataset, subjects, batteries, d
     for s in subjects:
         for threat, battery in batteries[s.name]:
             checks = (*alarms.PRE, *_post_names(battery)) if ev.checks else ()
+            checks += (alarms.EOT,) if s.random else ()
             planned = tuple(plan.PlannedAttack(a.name, a.config(), _mode(ev, battery.role(a) == "check"),
                                                battery.role(a), a.optimizer.uses_gradient)
                             for a in battery.attacks)
-            units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks))
+            units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks, eot=s.eot,
+                                   judge_draws=s.judge_draws))
     return plan.Plan(ds.name, ds.split, len(selected), ev.shard, ev.seed,
                      plan.data_key(ds.name, ds.split, selected.ids.tolist()), tuple(ds.ids.tolist()),
                      tuple(digests), tuple(units))
@@ -241,11 +282,7 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
         if where is not None:
             records.check_appendable(where.records)  # an unwritable output fails before any work
         subjects = [prepare(m, ds, ev, threats, device) for m in models]  # every fit check first
-        batteries = {}
-        for s in subjects:
-            s.verdicts = _pre_checks(s, ds, threats, ev.seed) if ev.checks else []
-            doubtful = any(v.raised for v in s.verdicts)
-            batteries[s.name] = [(t, ev.build(t, full_check=doubtful)) for t in threats]
+        batteries = {s.name: _batteries(s, ds, ev, threats) for s in subjects}
         digests = ds.fingerprints()
         planned = _plan(ev, ds, selected, subjects, batteries, digests)
         existing = records.empty()
@@ -255,7 +292,7 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
             existing = records.read_if_exists(where.records)
             plan.check_records([planned], existing, str(where.records))
             plan.write(where.plan, planned)
-            if ev.checks:
+            if ev.checks or any(s.random for s in subjects):
                 alarms.record(where.alarms, [v for s in subjects for v in s.verdicts])
         collected: list[dict] = []
         with progress.bar(ev.progress, robust=True) as bar:
@@ -277,12 +314,23 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
     return Outcome(df, verdicts, planned if where is not None else None, gaps, ds.name, len(selected))
 
 
+def _batteries(s: Subject, ds: Dataset, ev: Evaluation, threats) -> list:
+    """Pre-checks, the randomised protocol where the model is random, then one battery per threat: the
+    black-box check gets its full budget once a pre-check doubts the model's gradients."""
+    s.verdicts = _pre_checks(s, ds, threats, ev.seed) if ev.checks else []
+    random = any(v.raised and v.check == "randomness" for v in s.verdicts)
+    if ev.randomized or (ev.randomized is None and random):
+        _randomise(s, ds, ev, threats)
+    doubtful = any(v.raised for v in s.verdicts)
+    return [(t, ev.build(t, full_check=doubtful, draws=s.eot)) for t in threats]
+
+
 def _battery(ev: Evaluation, s: Subject, ds: Dataset, batteries, existing: pd.DataFrame, digests,
              where: RunDir | None, bar) -> list[dict]:
     """For each ε, each member of the battery on the survivors of the ones before it; returns the rows."""
     rows: list[dict] = []
     for _, battery in batteries:
-        alive = s.clean_pred == ds.labels.long()  # survivors of the battery so far
+        alive = s.attackable.clone()  # survivors of the battery so far
         for atk in battery.attacks:
             check = battery.role(atk) == "check"
             job = _Job(s, atk, ds, digests, ev, _mode(ev, check), where, bar)
@@ -316,8 +364,8 @@ def _post_checks(s: Subject, ds: Dataset, batteries, df: pd.DataFrame, seed: int
         if "black-box-beats-white-box" in _post_names(battery):
             found.append(alarms.black_box(s.name, s.sha256, threat.eps, unit, free))
     x, y, ids = _clean_correct(ds, s)
-    with eval_mode(s.model):
-        raised, detail = alarms.large_eps(s.name, s.sha256, s.attacked, x, y, ids, seed)
+    with eval_mode(s.model), randomness.seeded(seed, 0, randomness.stream("large-eps"), s.device):
+        raised, detail = alarms.large_eps(s.name, s.sha256, s.attacked, x, y, ids, seed, draws=s.eot)
     found += [alarms.Verdict(s.name, s.sha256, "no-convergence-at-large-eps", t.eps, raised, detail)
               for t, _ in batteries]
     return found + alarms.monotone(s.name, s.sha256, worst, len(ds))
@@ -334,6 +382,16 @@ def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, threat, name:
     L∞ ball of that radius in [0, 1]). Raises :class:`VerificationError` if any point is non-finite,
     outside the box or the ball — attacks must return feasible points; clipping here would hide the bug.
     """
+    check_feasible(x_adv, x, threat, name)
+    if any(m.training for m in model.modules()):
+        raise VerificationError("the model must be in eval mode for verification")
+    return fit.forward(model, name, x_adv, None, ids if ids is not None else torch.arange(len(x_adv)),
+                       "the adversarial points")
+
+
+def check_feasible(x_adv: torch.Tensor, x: torch.Tensor, threat, name: str = "model") -> None:
+    """Every point finite, inside the box and within the threat's radius (slack :data:`TOLERANCE`), else a
+    :class:`VerificationError`."""
     threat = attacks.threat_of(threat)
     bad = ~threat.contains(x_adv, x, tol=TOLERANCE)
     if bool(bad.any()):
@@ -343,10 +401,6 @@ def verify(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, threat, name:
             f"attack returned an infeasible point for {name}: distance {float(dist[i]):.6g} "
             f"(ε = {threat.eps:.6g}), range [{float(flat[i].min()):.4g}, {float(flat[i].max()):.4g}] "
             f"({int(bad.sum())} of {len(x)} points bad)")
-    if any(m.training for m in model.modules()):
-        raise VerificationError("the model must be in eval mode for verification")
-    return fit.forward(model, name, x_adv, None, ids if ids is not None else torch.arange(len(x_adv)),
-                       "the adversarial points")
 
 
 class _Job:
@@ -369,7 +423,8 @@ class _Job:
             "train_steps": s.loaded.train_steps, "dataset": self.ds.name, "example_id": int(self.ids[k]),
             "label": int(self.labels[k]), "example_sha": self.digests[k], "attack": a.name,
             "attack_config": a.config(), "eps": a.eps, "seed": self.ev.seed, "mode": self.mode,
-            "clean_pred": pred, "clean_correct": pred == int(self.labels[k]),
+            "clean_pred": pred, "clean_correct": pred == int(self.labels[k]), "draws": s.judge_draws,
+            "clean_share": float(s.clean_share[k]),
         }  # fmt: skip
 
     def emit(self, rows: list[dict], write: bool = True) -> None:
@@ -397,7 +452,7 @@ class _Job:
         for k in range(len(self.ds)):
             if int(self.ids[k]) in self.robust:
                 continue
-            if self.s.clean_pred[k] != self.labels[k]:
+            if not self.s.attackable[k]:
                 passive.append({**self.base(k), **_not_attacked("clean-wrong", int(self.s.clean_pred[k]))})
             elif alive is not None and not alive[k]:
                 passive.append({**self.base(k), **_not_attacked("skipped", -1)})
@@ -414,9 +469,10 @@ class _Job:
 
 def _not_attacked(status: str, adv_pred: int) -> dict:
     nan = float("nan")
+    wrong = status == "clean-wrong"
     return {"status": status, "adv_pred": adv_pred, "success": False, "robust": False, "margin": nan,
-            "objective": nan, "linf": 0.0 if status == "clean-wrong" else nan, "restart": -1, "steps": 0,
-            "target": -1, "targeted_success": False, "seconds": 0.0}  # fmt: skip
+            "objective": nan, "linf": 0.0 if wrong else nan, "restart": -1, "steps": 0,
+            "target": -1, "targeted_success": False, "seconds": 0.0, "robust_share": 0.0 if wrong else nan}
 
 
 def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int], base, ev: Evaluation,
@@ -427,35 +483,52 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
     y = ds.labels[index].long().to(s.device)
     ids = ds.ids[index].long()
     t0 = time.perf_counter()
+    draws = randomness.seeded(ev.seed, int(ids[0]), randomness.stream(atk.name), s.device) if s.random \
+        else contextlib.nullcontext()
     try:
-        res = attacks.run(atk, s.attacked, x, y, ids=ids, seed=ev.seed, on_run=on_run, precision=ev.precision)
+        with draws:
+            res = attacks.run(atk, s.attacked, x, y, ids=ids, seed=ev.seed, on_run=on_run,
+                              precision=ev.precision)
     except attacks.NonFiniteLogits as exc:
         raise UserError(f"model {s.name!r} returns non-finite logits (NaN or inf) inside the "
                         f"ε = {atk.eps:.6g} ball of example {int(exc.example_ids[0])} (found by {atk.name}); "
                         "it cannot be evaluated: a NaN is never a robust verdict") from None
-    z = verify(s.model, res.x_adv, x, atk.threat, s.name, ids)
+    if s.random:  # the verdict of a randomised model: every point judged over many draws
+        check_feasible(res.x_adv, x, atk.threat, s.name)
+        j = randomness.judge(s.model, res.x_adv, y, s.judge_draws, ev.seed, int(ids[0]))
+        z, pred, share = j.logits, j.pred, j.share
+    else:
+        z = verify(s.model, res.x_adv, x, atk.threat, s.name, ids)
+        pred = z.argmax(1)
+        share = (pred == y).float()
+        _warn_flips(s, atk, res, pred == y)
     seconds = (time.perf_counter() - t0) / len(chunk)
     cols = {  # one device-to-host copy per column, not one per example
-        "adv_pred": z.argmax(1), "margin": attacks.margin_of(z, y), "objective": res.value,
+        "adv_pred": pred, "margin": attacks.margin_of(z, y), "objective": res.value,
         "linf": atk.threat.distance(res.x_adv, x), "restart": res.run, "steps": res.steps,
-        "target": res.target, "label": y,
+        "target": res.target, "robust_share": share,
     }  # fmt: skip
     cols = {k: v.detach().cpu().tolist() for k, v in cols.items()}
-    flips = int((res.success.cpu() == (z.argmax(1) == y).cpu()).sum())
+    rows = []
+    for i, k in enumerate(chunk):
+        row = base(k)
+        pred, target = cols["adv_pred"][i], cols["target"][i]
+        robust = cols["robust_share"][i] == 1.0 and row["clean_correct"]
+        rows.append({
+            **row, "status": "attacked", "adv_pred": pred, "success": not robust, "robust": robust,
+            "margin": cols["margin"][i], "objective": cols["objective"][i], "linf": cols["linf"][i],
+            "restart": cols["restart"][i], "steps": cols["steps"][i], "target": target,
+            "targeted_success": target >= 0 and pred == target, "seconds": seconds,
+            "robust_share": cols["robust_share"][i],
+        })  # fmt: skip
+    return rows
+
+
+def _warn_flips(s: Subject, atk: attacks.Attack, res: attacks.Result, robust: torch.Tensor) -> None:
+    flips = int((res.success.cpu() == robust.cpu()).sum())
     if flips:
         # The engine judged these points inside its own batch; the separate re-classification here disagrees.
         # Only float rounding on the decision boundary can do that; the re-classification is what counts.
         warnings.warn(f"{s.name} / {atk.name}: {flips} adversarial point(s) lie on the decision boundary "
                       "(engine and re-classification disagree by float rounding); recorded as re-classified",
-                      RuntimeWarning, stacklevel=2)
-    rows = []
-    for i, k in enumerate(chunk):
-        pred, target = cols["adv_pred"][i], cols["target"][i]
-        robust = pred == cols["label"][i]
-        rows.append({
-            **base(k), "status": "attacked", "adv_pred": pred, "success": not robust, "robust": robust,
-            "margin": cols["margin"][i], "objective": cols["objective"][i], "linf": cols["linf"][i],
-            "restart": cols["restart"][i], "steps": cols["steps"][i], "target": target,
-            "targeted_success": target >= 0 and pred == target, "seconds": seconds,
-        })  # fmt: skip
-    return rows
+                      RuntimeWarning, stacklevel=3)

@@ -418,7 +418,7 @@ CASES: dict[str, Case] = {
                                  ("maybe",)),
     "report, conflicting duplicates": Case(report("conflict"), ERR, "conflicting records", ("conflict",)),
     "report, clean-wrong row says robust": Case(report("wrong_robust"), ERR,
-                                                "inconsistent record: a clean-wrong row is clean-correct",
+                                                "inconsistent record: a robust row",
                                                 ("wrong_robust",)),
     "report, robust row re-classified as another class": Case(report("robust_misclassified"), ERR,
                                                               "robust disagrees with adv_pred",

@@ -48,7 +48,9 @@ def test_attack_config_is_stable_and_round_trips(name):
     assert not re.search(r"0x[0-9a-f]+", text)  # no memory address: the same string in every run
     assert attacks.from_config(text) == atk
     if name != "local-linearity":  # no function field: the stable form is the plain repr
-        assert text == ", ".join(f"{f}={getattr(atk, f)!r}" for f in atk.__dataclass_fields__)
+        shown = [f for f in atk.__dataclass_fields__ if f != "draws"]  # draws=1 (the default) is not written
+        assert text == ", ".join(f"{f}={getattr(atk, f)!r}" for f in shown)
+    assert attacks.from_config(atk.replace(draws=8).config()) == atk.replace(draws=8)
 
 
 def test_from_config_constructs_only_the_library_types():
@@ -105,6 +107,7 @@ def test_attacks_imports_nothing_from_the_application():
 def test_eps_round_trips_exactly_in_both_record_formats(eps, tmp_path):
     base = {c: 0 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": eps, "status": "attacked",
                                               "mode": "skip", "robust": True, "clean_correct": True,
+                                              "draws": 1, "clean_share": 1.0, "robust_share": 1.0,
                                               "example_sha": "0" * 16}
     records.append(tmp_path / records.FILENAME, [base])
     assert records.read(tmp_path)["eps"].iloc[0] == eps

@@ -112,12 +112,22 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
               help="Skip the masking alarms (randomness, batch dependence, softmax outputs, unusable "
                    "gradients, autograd in forward, Square on the survivors, large ε, monotonicity in ε). "
                    "Not recommended.")
+@click.option("--randomized/--deterministic", "randomized", default=None,
+              help="Evaluate as a randomised model (EoT gradients, every point judged over --draws draws; "
+                   "robust only if correct in every draw), or as a deterministic one. Default: randomised "
+                   "when the randomness check finds random outputs.")
+@click.option("--draws", type=int, default=20, show_default=True,
+              help="Randomised models: the draws every clean and adversarial point is judged over.")
+@click.option("--eot-max", type=int, default=32, show_default=True,
+              help="Randomised models: the most EoT samples per step; their number doubles from 2 on a "
+                   "subset until robust accuracy settles (an alarm if it does not).")
 @click.option("--allow-unreliable", is_flag=True,
               help="Exit 0 even when an alarm marks a model's number unreliable (it is still marked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
-                   bpda, precision, compile_model, shard_text, no_checks, allow_unreliable, quiet):
+                   bpda, precision, compile_model, shard_text, no_checks, randomized, draws, eot_max,
+                   allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
 
     Clean-misclassified examples are not attacked; by default each attack runs only on the survivors
@@ -161,13 +171,15 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
             download=download, n=n, limit=DEFAULT_N, budget=Budget(steps, restarts, size[0] if size else None,
                                                    size[1] if size else None, queries),
             seed=seed, precision=precision, compile=compile_model, bpda=bpda, no_skip=no_skip,
-            checks=not no_checks, shard=shard, batch_size=batch_size, device=device, arch=arch,
+            checks=not no_checks, randomized=randomized, draws=draws, eot_max=eot_max, shard=shard,
+            batch_size=batch_size, device=device, arch=arch,
             out=Path(out) if out else default_out("attack"), progress=not quiet)
         if ctx is not None:
             distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": ev.eps,
                                     "n": n, "dataset": dataset, "seed": seed, "out": str(ev.out.resolve()),
                                     "budget": ev.budget, "no_skip": no_skip, "checks": not no_checks,
-                                    "precision": precision, "bpda": bpda})
+                                    "precision": precision, "bpda": bpda, "randomized": randomized,
+                                    "draws": draws, "eot_max": eot_max})
         speak = ctx is None or ctx.rank == 0
         outcome = runner.evaluate(ev, notify=lambda m: click.echo(UserError(m).as_flags(), err=True)
                                   if speak else None)
