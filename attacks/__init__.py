@@ -33,6 +33,7 @@ from .engine import (
     Evasion,
     FinalIterate,
     Maximize,
+    MinDistance,
     NonFiniteLogits,
     Result,
     eot_value,
@@ -57,7 +58,19 @@ from .objectives import (
     per_example_cross_entropy,
     targeted_margin,
 )
-from .optimizers import APGD, Adam, AdamState, APGDState, Sign, adam, apgd, apgd_checkpoints, sign
+from .optimizers import (
+    APGD,
+    Adam,
+    AdamState,
+    APGDState,
+    MinNorm,
+    Sign,
+    adam,
+    apgd,
+    apgd_checkpoints,
+    min_norm,
+    sign,
+)
 from .presets import (
     BATTERIES,
     PRESETS,
@@ -67,6 +80,7 @@ from .presets import (
     apgd_t,
     expand,
     fgsm20,
+    fmn,
     from_config,
     get,
     local_linearity,
@@ -79,12 +93,12 @@ from .presets import (
     untargeted,
 )
 from .protocols import Objective, Optimizer, Schedule, Threat
-from .schedules import Piecewise, constant, paper_decay, piecewise
+from .schedules import Cosine, Piecewise, constant, paper_decay, piecewise
 from .seeding import example_seed, generators
-from .square import RandomSquares, WindowSchedule
+from .square import RandomSquares, RandomSquaresL2, WindowSchedule
 from .starts import DiverseStart, NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted, linearised_distance
-from .threats import LinfBall
+from .threats import BALLS, L1Ball, L2Ball, LinfBall
 
 __all__ = [
     "Attack", "NonFiniteLogits", "Result", "run",
@@ -93,7 +107,8 @@ __all__ = [
     "UniformStart", "NoStart", "StripeStart", "DiverseStart", "linearised_distance", "RandomSquares",
     "WindowSchedule", "square",
     "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
-    "LinfBall",
+    "LinfBall", "L2Ball", "L1Ball", "BALLS", "MinNorm", "min_norm", "MinDistance", "Cosine",
+    "RandomSquaresL2", "fmn",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",

@@ -144,6 +144,7 @@ class _Iterate:
     margin: torch.Tensor
     run: int | torch.Tensor  # the run index, per row when runs are tiled
     target: torch.Tensor | None
+    dist: torch.Tensor | None = None  # the distance to the clean input (for MinDistance only)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,26 @@ class FinalIterate:
             best.success |= it.margin > 0
 
 
-Tracking = Evasion | Maximize | FinalIterate
+@dataclass(frozen=True)
+class MinDistance:
+    """The minimum-norm rule: an example's kept point is its adversarial iterate nearest to the clean
+    input (else the highest margin); solved examples keep stepping, since a nearer point may come."""
+
+    evades = True
+    compacts = False
+    needs_distance = True
+
+    def observe(self, best: _Best, it: _Iterate, last: bool) -> None:
+        adv = it.margin > 0
+        nearer = adv & (~best.success | (-it.dist > best.score))
+        closer_to_boundary = ~adv & ~best.success & (it.margin > best.score)
+        take = nearer | closer_to_boundary
+        best.update(take, it, by_margin=True)
+        best.score = torch.where(nearer, -it.dist, best.score)  # adversarial rows rank by −distance
+        best.success |= adv
+
+
+Tracking = Evasion | Maximize | FinalIterate | MinDistance
 # --------------------------------------------------------------------------------------------- attack
 
 
@@ -223,8 +243,8 @@ class Attack:
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
         if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart)):
             raise ValueError(f"start must be a start policy, got {self.start!r}")
-        if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate)):
-            raise ValueError("tracking must be Evasion(), Maximize() or FinalIterate(), "
+        if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate, MinDistance)):
+            raise ValueError("tracking must be Evasion(), Maximize(), FinalIterate() or MinDistance(), "
                              f"got {self.tracking!r}")
         if self.objective.needs_target and isinstance(self.targets, Untargeted):
             raise ValueError(f"objective {self.objective!r} needs targets ('random' or 'ranked')")
@@ -424,7 +444,7 @@ def run(
     counter["rows"] += n if set(prepared) != set(aux) else 0
     num_classes = z0.shape[1]
     trials = attack.targets.trials(attack.restarts, num_classes)
-    targets = attack.targets.assign(z0, y, ids, seed, num_classes, model=model, x=x)
+    targets = attack.targets.assign(z0, y, ids, seed, num_classes, model=model, x=x, threat=attack.threat)
     counter["rows"] += n if getattr(attack.targets, "needs_model", False) else 0
     best = _Best.initial(x, z0, margin_of(z0, y), track.evades)
     j = 0
@@ -478,7 +498,7 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     rep = act.repeat(len(js))
     xs, start = x[rep], torch.cat(starts)
     box = attack.threat.box(xs)
-    state = attack.optimizer.init(start, gens, steps=attack.steps, box=box)
+    state = attack.optimizer.init(start, gens, steps=attack.steps, box=box, threat=attack.threat, center=xs)
     run = js[0] if len(js) == 1 else torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
     return _Rows(index, xs, y[rep], start, box, {k: v[rep] for k, v in prepared.items()},
                  None if tgts[0] is None else torch.cat(tgts), state, local, run)
@@ -528,7 +548,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     for step in range(attack.steps + 1):
         last = step == attack.steps
         grad_on = opt.uses_gradient and not last
-        live = ~rows.best.success  # rows whose result can still change
+        # rows whose result can still change (a minimum-norm search goes on after a success)
+        live = ~rows.best.success if getattr(attack.tracking, "compacts", True) else \
+            torch.ones_like(rows.best.success)
         with torch.enable_grad() if grad_on else torch.no_grad(), precision:
             leaf = rows.x.detach().requires_grad_(grad_on)
             data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
@@ -541,7 +563,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
             z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter,
                                               attack.draws)
         counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
-        it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target)
+        dist = threat.distance(leaf.detach(), rows.xs) if getattr(attack.tracking, "needs_distance", False) \
+            else None
+        it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target, dist)
         attack.tracking.observe(rows.best, it, last)
         if last:
             break
@@ -549,7 +573,7 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         lr = attack.schedule(step, attack.steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
         rows.x = threat.project(proposal, rows.xs, rows.box)
-        if every and attack.tracking.evades and (step + 1) % every == 0:
+        if every and getattr(attack.tracking, "compacts", attack.tracking.evades) and (step + 1) % every == 0:
             done = rows.best.success
             if bool(done.any()):  # in fp32 the loop's only host synchronisation, once per ``every`` steps
                 best.scatter(rows.act, rows.best, done)

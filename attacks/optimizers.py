@@ -106,6 +106,11 @@ class APGDState(NamedTuple):
     hi: torch.Tensor
     t: int  # index of the iterate the next step starts from
     checkpoints: tuple  # iterate indices where the step-size rule is applied
+    center: torch.Tensor | None = None  # the clean inputs, and the threat: the inner projection of an
+    threat: object = None  # L2 or L1 step (None: the box alone, as for L∞)
+    topk: torch.Tensor | None = None  # L1: the share of coordinates a step moves, per example
+    sparsity: torch.Tensor | None = None  # L1: coordinates the best point had moved at the last check
+    first: float = 0.0  # L1: the first step size, which a reset returns to
 
 
 def apgd_checkpoints(steps: int) -> tuple[int, ...]:
@@ -142,14 +147,26 @@ class APGD(GradientStep):
     rho: float = 0.75
     name = "apgd"
 
-    def init(self, x: torch.Tensor, generators=None, *, steps: int = 0, box=None, **run) -> APGDState:
+    def init(self, x: torch.Tensor, generators=None, *, steps: int = 0, box=None, threat=None, center=None,
+             **run) -> APGDState:
         n = x.shape[0]
         lo, hi = box if box is not None else (torch.full_like(x, -math.inf), torch.full_like(x, math.inf))
         empty = torch.zeros(n, device=x.device, dtype=x.dtype)
+        norm = getattr(threat, "norm", "linf")
+        if norm == "linf":
+            return APGDState(empty, x, x, torch.zeros_like(x), empty, empty, empty.long(), empty,
+                             empty.bool(), lo, hi, 0, apgd_checkpoints(steps))
+        # L1 (Croce & Hein, ICML 2021): the sparsity is adapted every 4% of the run instead
+        checks = apgd_checkpoints(steps) if norm == "l2" else \
+            tuple(range(max(int(0.04 * steps), 1), steps, max(int(0.04 * steps), 1)))
+        d = float(x[0].numel()) if n else 1.0
         return APGDState(empty, x, x, torch.zeros_like(x), empty, empty, empty.long(), empty,
-                         empty.bool(), lo, hi, 0, apgd_checkpoints(steps))
+                         empty.bool(), lo, hi, 0, checks, center, threat, torch.full_like(empty, 0.2),
+                         torch.full_like(empty, d))
 
     def step(self, x, grad, value, state: APGDState, lr):
+        if state.threat is not None and state.threat.norm == "l1":
+            return self._step_l1(x, grad, value, state, lr)
         s, t = state, state.t
         if t == 0:
             eta = torch.full_like(value, float(lr))
@@ -172,9 +189,48 @@ class APGD(GradientStep):
             s = s._replace(eta=torch.where(halve, s.eta / 2, s.eta), halved=halve, best_at_check=s.best_value,
                            rises=torch.zeros_like(s.rises))
         eta = s.eta.view(-1, *([1] * (x.ndim - 1)))
-        z = torch.clamp(x + eta * grad.sign(), s.lo, s.hi)
+        if s.threat is None:  # L∞: sign steps, the ball ∩ box is the box (lo, hi)
+            z = torch.clamp(x + eta * grad.sign(), s.lo, s.hi)
+        else:  # L2: steps along the normalised gradient, projected onto the ball ∩ box
+            z = s.threat.project(x + eta * s.threat.steepest(grad), s.center, (s.lo, s.hi))
         a = 1.0 if t == 0 else self.momentum
         proposal = x + a * (z - x) + (1 - a) * (x - x_prev)
+        if s.threat is not None:
+            proposal = s.threat.project(proposal, s.center, (s.lo, s.hi))
+        return proposal, s._replace(x_prev=x, t=t + 1)
+
+    def _step_l1(self, x, grad, value, s: APGDState, lr):
+        """APGD's L1 step (Croce & Hein, "Mind the box", ICML 2021): the sign of the gradient on the
+        ``topk`` share of coordinates with the largest gradient, normalised to an L1 step of ``η``, no
+        momentum; every 4% of the run, if the best point moved clearly fewer coordinates than at the last
+        check the step resets to ε and the search restarts from the best point, else the step shrinks by
+        1.5 (down to ε/10); the share to move becomes a third less than the best point's sparsity."""
+        t = s.t
+        view = (-1, *([1] * (x.ndim - 1)))
+        if t == 0:
+            s = s._replace(eta=torch.full_like(value, float(lr)), best_x=x, best_grad=grad, best_value=value,
+                           first=float(lr))
+        else:
+            better = value > s.best_value
+            s = s._replace(best_x=torch.where(better.view(view), x, s.best_x),
+                           best_grad=torch.where(better.view(view), grad, s.best_grad),
+                           best_value=torch.where(better, value, s.best_value))
+        if t in s.checkpoints:
+            d = float(x[0].numel())
+            moved = ((s.best_x - s.center) != 0).flatten(1).sum(1).to(value.dtype)
+            reset = moved / s.sparsity.clamp_min(1) < 0.95
+            eta = torch.where(reset, torch.full_like(s.eta, s.first), s.eta / 1.5)
+            eta = eta.clamp(s.first / 10, s.first)
+            x = torch.where(reset.view(view), s.best_x, x)
+            grad = torch.where(reset.view(view), s.best_grad, grad)
+            s = s._replace(eta=eta, topk=moved / d / 1.5, sparsity=moved)
+        flat = grad.flatten(1).abs()
+        d = flat.shape[1]
+        k = (s.topk * d).clamp(1, d).long()  # coordinates to move, per example
+        cut = flat.sort(1, descending=True).values.gather(1, (k - 1)[:, None])
+        sparse = (grad.sign() * (grad.abs() >= cut.view(view))).flatten(1)
+        direction = (sparse / sparse.abs().sum(1, keepdim=True).clamp_min(1e-12)).view_as(grad)
+        proposal = s.threat.project(x + s.eta.view(view) * direction, s.center, (s.lo, s.hi))
         return proposal, s._replace(x_prev=x, t=t + 1)
 
 
@@ -191,3 +247,58 @@ def adam(beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-9) -> Adam:
 def sign() -> Sign:
     """Sign-gradient ascent."""
     return Sign()
+
+
+class MinNormState(NamedTuple):
+    radius: torch.Tensor  # [N] the current ball's radius (∞ until the first estimate)
+    center: torch.Tensor  # the clean inputs
+    lo: torch.Tensor
+    hi: torch.Tensor
+    threat: object
+    t: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class MinNorm(GradientStep):
+    """The fast minimum-norm attack's step (FMN, Pintor et al., NeurIPS 2021) as an optimizer.
+
+    Each example keeps a radius r that follows the boundary: where the iterate is adversarial r shrinks
+    to ``(1 − γ)·min(r, ‖δ‖)``, elsewhere it grows to ``(1 + γ)·r``; the first r is the distance to the
+    boundary of the margin's linearisation, ``‖δ‖ + max(−m, 0)/‖∇m‖_*`` (dual norm). The iterate moves
+    along the L2-normalised gradient by the schedule's step (cosine-annealed) and is projected onto the
+    ball of radius r ∩ box (:meth:`project_to` of the threat); γ decays from ``gamma`` to 0 by a cosine.
+    With the ``MinDistance`` tracking of the engine, the smallest adversarial point found is kept.
+    ``value`` must be the untargeted margin (adversarial where > 0).
+    """
+
+    gamma: float = 0.05
+    name = "min-norm"
+
+    def init(self, x: torch.Tensor, generators=None, *, steps: int = 0, box=None, threat=None, center=None,
+             **run) -> MinNormState:
+        if threat is None or center is None:
+            raise ValueError("the minimum-norm step needs the threat and the clean inputs")
+        lo, hi = box if box is not None else threat.box(center)
+        radius = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
+        return MinNormState(radius, center, lo, hi, threat, 0, steps)
+
+    def step(self, x, grad, value, state: MinNormState, lr):
+        s, th = state, state.threat
+        delta = x - s.center
+        size = th.distance(x, s.center)
+        flat = grad.flatten(1)
+        dual = {math.inf: flat.abs().sum(1), 2: flat.norm(dim=1), 1: flat.abs().amax(1)}[th.p]
+        adv = value > 0
+        gamma = self.gamma * (1 + math.cos(math.pi * s.t / max(s.steps, 1))) / 2
+        first = torch.where(adv, size, size + (-value).clamp_min(0) / dual.clamp_min(1e-12))
+        grown = torch.where(adv, torch.minimum(s.radius, size) * (1 - gamma), s.radius * (1 + gamma))
+        radius = torch.where(torch.isinf(s.radius), first, grown).clamp_max(th.eps)
+        unit = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(grad)
+        proposal = th.project_to(s.center + delta + float(lr) * unit, s.center, radius, (s.lo, s.hi))
+        return proposal, s._replace(radius=radius, t=s.t + 1)
+
+
+def min_norm(gamma: float = 0.05) -> MinNorm:
+    """The fast minimum-norm step (γ₀ = 0.05, as FMN)."""
+    return MinNorm(gamma)

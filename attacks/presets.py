@@ -33,18 +33,28 @@ import re
 from typing import Callable
 
 from . import objectives as O
-from .engine import Attack, Evasion, FinalIterate, Maximize
-from .optimizers import APGD, Adam, Sign, adam, apgd, sign
-from .schedules import Piecewise, constant, paper_decay
-from .square import RandomSquares, WindowSchedule
+from .engine import Attack, Evasion, FinalIterate, Maximize, MinDistance
+from .optimizers import APGD, Adam, MinNorm, Sign, adam, apgd, sign
+from .schedules import Cosine, Piecewise, constant, paper_decay
+from .square import RandomSquares, RandomSquaresL2, WindowSchedule
 from .starts import DiverseStart, NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted
-from .threats import LinfBall
+from .threats import BALLS, L1Ball, L2Ball, LinfBall
 
 
-def threat_of(eps, bounds=(0.0, 1.0)):
-    """A threat value from a radius (the L∞ ball of radius ``eps`` in ``bounds``) or a threat itself."""
-    return eps if hasattr(eps, "project") else LinfBall(float(eps), bounds)
+def threat_of(eps, bounds=(0.0, 1.0), norm: str = "linf"):
+    """A threat value from a radius (the ``norm`` ball of radius ``eps`` in ``bounds``: ``linf``, ``l2``
+    or ``l1``) or a threat itself."""
+    if hasattr(eps, "project"):
+        return eps
+    if norm not in BALLS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(BALLS)}")
+    return BALLS[norm](float(eps), bounds)
+
+
+def _apgd_step(threat) -> Piecewise:
+    """APGD's first step: 2ε in L∞ and L2, ε in L1 (Croce & Hein 2020, 2021)."""
+    return constant(1.0 if threat.norm == "l1" else 2.0, relative=True)
 
 
 def _linf(threat) -> LinfBall:
@@ -84,12 +94,27 @@ def pgd(threat: LinfBall, steps: int = 50) -> Attack:
     return Attack(f"pgd-{steps}", O.Margin(), adam(), constant(0.1), _linf(threat), steps, 1)
 
 
-def square(threat: LinfBall) -> Attack:
-    """Square (Andriushchenko et al. 2020), L∞: 5,000 queries of score-based random search on the margin
-    from the stripe initialisation, window area from p = 0.8 (:mod:`attacks.square`). No gradient, so
-    gradient masking cannot fool it; queries = steps + 1 (the start is the first)."""
+def square(threat) -> Attack:
+    """Square (Andriushchenko et al. 2020): 5,000 queries of score-based random search on the margin. L∞:
+    corner windows from the stripe initialisation, window area from p = 0.8 (:mod:`attacks.square`); L2:
+    the meta-pattern search from a random point of the ball, p from 0.3. No gradient, so gradient
+    masking cannot fool it; queries = steps + 1 (the start is the first). Not defined for L1."""
+    threat = threat_of(threat)
+    if threat.norm == "l2":
+        return Attack("square", O.Margin(), RandomSquaresL2(), WindowSchedule(0.3), threat, 4999, 1,
+                      start=UniformStart())
     return Attack("square", O.Margin(), RandomSquares(), WindowSchedule(0.8), _linf(threat), 4999, 1,
                   start=StripeStart())
+
+
+def fmn(threat) -> Attack:
+    """The fast minimum-norm attack (Pintor et al., NeurIPS 2021) in the threat's norm: 500 steps from
+    the clean input, L2-normalised gradient steps of a cosine-annealed size (from ε to ε/100), the ball's
+    radius following the boundary; the nearest adversarial point is kept (``MinDistance``). Its records
+    give each example's minimum-norm radius (the ``distance`` of a broken example), up to the run's ε."""
+    threat = threat_of(threat)
+    return Attack("fmn", O.Margin(), MinNorm(), Cosine(1.0, 0.01, relative=True), threat, 500, 1,
+                  tracking=MinDistance(), start=NoStart())
 
 
 def local_linearity(threat: LinfBall, grad_mode: str = "deepmind") -> Attack:
@@ -99,36 +124,38 @@ def local_linearity(threat: LinfBall, grad_mode: str = "deepmind") -> Attack:
                   50, 1, tracking=Maximize())
 
 
-def apgd_ce(threat: LinfBall) -> Attack:
+def apgd_ce(threat) -> Attack:
     """APGD on the cross-entropy (Croce & Hein 2020): 100 steps from a uniform random start, step size
     2ε then APGD's rule (:class:`~attacks.optimizers.APGD`). The cheap first pass of ``standard``."""
-    return Attack("apgd-ce", O.CrossEntropy(), apgd(), constant(2.0, relative=True), _linf(threat),
-                  100, 1)
+    threat = threat_of(threat)
+    return Attack("apgd-ce", O.CrossEntropy(), apgd(), _apgd_step(threat), threat, 100, 1)
 
 
-def apgd_dlr(threat: LinfBall) -> Attack:
+def apgd_dlr(threat) -> Attack:
     """APGD on the DLR loss (scale-invariant; margin fallback with fewer than 3 classes)."""
-    return Attack("apgd-dlr", O.DLR(), apgd(), constant(2.0, relative=True), _linf(threat), 100, 1)
+    threat = threat_of(threat)
+    return Attack("apgd-dlr", O.DLR(), apgd(), _apgd_step(threat), threat, 100, 1)
 
 
-def apgd_t(threat: LinfBall) -> Attack:
+def apgd_t(threat) -> Attack:
     """Targeted APGD on targeted DLR towards the 3 wrong classes nearest by linearised distance
     ``(z_y − z_t) / ‖∇(z_y − z_t)‖₁`` at the clean point (MALT's ranking), 100 steps each, on survivors
     only, each from an output-diversified start (:class:`~attacks.starts.DiverseStart`, 2 steps).
     AutoAttack's APGD-T attacks the 9 top-logit classes from uniform starts; the linearised ranking puts
     the class that breaks first far more often, so 3 suffice (measured in benchmarks/RESULTS.md)."""
-    return Attack("apgd-t", O.TargetedDLR(), apgd(), constant(2.0, relative=True), _linf(threat),
+    threat = threat_of(threat)
+    return Attack("apgd-t", O.TargetedDLR(), apgd(), _apgd_step(threat), threat,
                   100, 1, targets=RankedTargets(3, all=True, by="linearised"), start=DiverseStart(2))
 
 
-def apgd_dlr_odi(threat: LinfBall) -> Attack:
+def apgd_dlr_odi(threat) -> Attack:
     """APGD on DLR, 5 restarts of 100 steps from output-diversified starts (ODI), on survivors only: the
     diverse-restart round of ``standard`` (restarts from different faces of the ball find the optima
     that one start misses, which matters most at large ε)."""
     return apgd_dlr(threat).replace(name="apgd-dlr-odi", restarts=5, start=DiverseStart(2))
 
 
-def apgd_ce_odi(threat: LinfBall) -> Attack:
+def apgd_ce_odi(threat) -> Attack:
     """APGD on the cross-entropy, 5 restarts of 100 steps from output-diversified starts (ODI)."""
     return apgd_ce(threat).replace(name="apgd-ce-odi", restarts=5, start=DiverseStart(2))
 
@@ -189,6 +216,7 @@ PRESETS = Registry(
         "apgd-t": apgd_t,
         "apgd-dlr-odi": apgd_dlr_odi,
         "apgd-ce-odi": apgd_ce_odi,
+        "fmn": fmn,
     },
     families={"pgd-K": (r"pgd-(\d+)", _pgd_family)},
 )
@@ -217,10 +245,11 @@ def names() -> list[str]:
 
 def get(name: str, eps, *, steps: int | None = None, restarts: int | None = None,
         step_size: float | None = None, relative_step: bool | None = None, objective=None,
-        bounds=(0.0, 1.0), queries: int | None = None, **changes) -> Attack:
+        bounds=(0.0, 1.0), queries: int | None = None, norm: str = "linf", **changes) -> Attack:
     """Build preset ``name`` for the threat ``eps`` and apply overrides.
 
-    ``eps``: a threat value (:class:`LinfBall`) or a radius (the L∞ ball of that radius in ``bounds``).
+    ``eps``: a threat value (:class:`LinfBall`, :class:`L2Ball`, :class:`L1Ball`) or a radius (the
+    ``norm`` ball of that radius in ``bounds``).
     ``step_size`` sets the first value of the schedule, keeping its shape (``relative_step=True``: in
     units of ε; for Square it is the initial window fraction ``p_init``). ``queries`` sets the forward
     passes per run of a search that evaluates its start (``steps = queries − 1``; Square's budget).
@@ -229,7 +258,7 @@ def get(name: str, eps, *, steps: int | None = None, restarts: int | None = None
     """
     key = name.strip().lower().replace("_", "-")
     key = re.sub(r"^pgd(\d+)$", r"pgd-\1", _SPELLINGS.get(key, key))
-    attack = PRESETS[key](threat_of(eps, bounds))
+    attack = PRESETS[key](threat_of(eps, bounds, norm))
     if queries is not None:
         if int(queries) < 1:
             raise ValueError("queries must be ≥ 1")
@@ -253,7 +282,8 @@ def get(name: str, eps, *, steps: int | None = None, restarts: int | None = None
 # else is ever constructed or looked up, so reading a configuration runs no code.
 _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin, O.DLR,
                                          O.TargetedDLR, O.MostLikelyTarget, O.LinearityGap, Adam, Sign, APGD,
-                                         Piecewise, LinfBall,
+                                         Piecewise, LinfBall, L2Ball, L1Ball, Cosine, MinNorm, MinDistance,
+                                         RandomSquaresL2,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
                                          FinalIterate, UniformStart, NoStart, StripeStart, DiverseStart,
                                          RandomSquares,

@@ -63,3 +63,27 @@ def piecewise(values, boundaries, relative: bool = False) -> Piecewise:
 def paper_decay(base: float = 0.1) -> Piecewise:
     """The Untargeted / Random-Targeted schedule of the LLR paper (F.1): base, base/10 @50%, base/100 @75%."""
     return Piecewise((base, base / 10, base / 100), (0.5, 0.75))
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Cosine annealing from ``first`` to ``first · last`` over the run (the fast minimum-norm attack's
+    step size, Pintor et al. 2021); ``relative=True`` multiplies by ε."""
+
+    first: float
+    last: float = 0.01
+    relative: bool = False
+
+    def __post_init__(self):
+        if not (self.first > 0 and 0 <= self.last <= 1):
+            raise ValueError("a cosine schedule needs first > 0 and 0 ≤ last ≤ 1")
+
+    def __call__(self, step: int, steps: int, eps: float = 1.0) -> float:
+        import math
+
+        frac = step / max(steps - 1, 1)
+        value = self.first * (self.last + (1 - self.last) * (1 + math.cos(math.pi * frac)) / 2)
+        return value * eps if self.relative else value
+
+    def scaled_to(self, first: float, relative: bool | None = None) -> Cosine:
+        return replace(self, first=float(first), relative=self.relative if relative is None else relative)

@@ -48,7 +48,8 @@ class StripeStart:
 @dataclass(frozen=True)
 class DiverseStart:
     """Output-diversified initialisation (ODI; Tashiro et al., NeurIPS 2020): from a uniform random start,
-    ``steps`` sign steps of size ε that maximise ``w · z(x)`` for a random direction ``w ∈ [−1, 1]^C`` in
+    ``steps`` steepest-ascent steps of size ε in the threat's norm (sign steps in L∞) that maximise
+    ``w · z(x)`` for a random direction ``w ∈ [−1, 1]^C`` in
     the output space, drawn from the example's own generator. Restarts then begin on different faces of
     the ball rather than in the basin nearest the clean point. Costs ``steps`` forward+backward passes."""
 
@@ -75,7 +76,7 @@ class DiverseStart:
             if grad is None:
                 break
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # as the engine's steps
-            x0 = threat.project(x0 + threat.eps * grad.sign(), x, box)
+            x0 = threat.project(x0 + threat.eps * threat.steepest(grad), x, box)
         return x0.detach()
 
 

@@ -8,6 +8,7 @@ the survivors of the runs before them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class Untargeted:
     def trials(self, restarts: int, num_classes: int) -> list[tuple[int, int | None]]:
         return [(r, None) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None, threat=None):
         return None
 
 
@@ -39,7 +40,7 @@ class RandomTarget:
     def trials(self, restarts: int, num_classes: int) -> list[tuple[int, int | None]]:
         return [(r, 0) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None, threat=None):
         gens = seeding.generators(seed, ids.tolist(), seeding.TARGET)
         offs = torch.tensor([int(torch.randint(1, num_classes, (1,), generator=g)) for g in gens],
                             dtype=torch.long)
@@ -81,19 +82,22 @@ class RankedTargets:
             return [(r, s) for r in range(restarts) for s in range(k)]
         return [(r, r % k) for r in range(restarts)]
 
-    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None):
+    def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None, threat=None):
         true = torch.nn.functional.one_hot(y, num_classes).bool()
         order = torch.sort(z0.masked_fill(true, float("-inf")), dim=1, descending=True, stable=True).indices
         if self.by == "linearised":
             if model is None or x is None:
                 raise ValueError("ranking targets by linearised distance needs the model and the inputs")
-            dist = linearised_distance(model, x, y).masked_fill(true, float("inf"))
+            dual = {2: 2, 1: math.inf}.get(getattr(threat, "p", math.inf), 1)  # ‖·‖ dual to the threat's
+            dist = linearised_distance(model, x, y, dual).masked_fill(true, float("inf"))
             order = order.gather(1, torch.sort(dist.gather(1, order), dim=1, stable=True).indices)
         return order[:, :self.slots(num_classes)]
 
 
-def linearised_distance(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[N, C]``: ``(z_y − z_c) / ‖∇ₓ(z_y − z_c)‖₁`` at ``x`` for every class ``c`` (0 for ``c = y``).
+def linearised_distance(model, x: torch.Tensor, y: torch.Tensor, dual: float = 1) -> torch.Tensor:
+    """``[N, C]``: ``(z_y − z_c) / ‖∇ₓ(z_y − z_c)‖_q`` at ``x`` for every class ``c`` (0 for ``c = y``),
+    with ``q = dual`` the norm dual to the threat's (1 for L∞, 2 for L2, ∞ for L1): the distance, in
+    the threat's norm, at which the first-order model of the pair margin reaches zero.
 
     One forward pass and one backward pass per class over the batch; each row depends on its own
     example only (the model is in eval mode)."""
@@ -109,7 +113,9 @@ def linearised_distance(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
                 continue
             (grad,) = torch.autograd.grad(diff.sum(), leaf, retain_graph=c < z.shape[1] - 1,
                                           allow_unused=True)
-            norm = grad.flatten(1).abs().sum(1) if grad is not None else torch.zeros_like(diff)
+            flat = grad.flatten(1).abs() if grad is not None else None
+            norm = torch.zeros_like(diff) if flat is None else (
+                flat.sum(1) if dual == 1 else flat.amax(1) if dual == math.inf else flat.pow(2).sum(1).sqrt())
             dist[:, c] = diff.detach() / norm.clamp_min(1e-12)
     return dist.detach()
 

@@ -1,4 +1,4 @@
-"""Threat models: the set of allowed adversarial inputs around a clean input.
+"""Threat models: the set of allowed adversarial inputs around a clean input (L∞, L2, L1).
 
 The threat model owns everything geometric — random starts, projection and the membership check —
 so the engine never clips anything itself (Foolbox 3's rule: every iterate is projected into the
@@ -39,6 +39,15 @@ class LinfBall:
         object.__setattr__(self, "bounds", (lo, hi))
 
     norm = "linf"
+    p = math.inf
+
+    def steepest(self, grad: torch.Tensor) -> torch.Tensor:
+        """The unit-norm steepest-ascent direction of a linear function with gradient ``grad``: its sign."""
+        return grad.sign()
+
+    def slack(self, x: torch.Tensor) -> float:
+        """Nothing beyond ``tol``: one coordinate's rounding of ``x ± ε`` is all an L∞ distance sees."""
+        return 0.0
 
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-coordinate interval of the ball ∩ box: ``[max(x−ε, lo), min(x+ε, hi)]``.
@@ -49,6 +58,14 @@ class LinfBall:
         """
         lo, hi = self.bounds
         return (x - self.eps).clamp_(min=lo), (x + self.eps).clamp_(max=hi)
+
+    def project_to(self, x_adv: torch.Tensor, x: torch.Tensor, radius: torch.Tensor,
+                   box=None) -> torch.Tensor:
+        """The nearest point of the ball of per-example ``radius`` (≤ ``eps``) ∩ box: the minimum-norm
+        attack's shrinking ball."""
+        r = radius.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        low, high = self.box(x) if box is None else box
+        return torch.clamp(torch.minimum(torch.maximum(x_adv, x - r), x + r), low, high)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, box=None) -> torch.Tensor:
         """Nearest point of the ball ∩ box: clamp to ``x ± eps``, then to ``bounds``."""
@@ -82,3 +99,136 @@ class LinfBall:
         flat = x_adv.flatten(1)
         inside_box = (flat >= lo).all(1) & (flat <= hi).all(1) & torch.isfinite(flat).all(1)
         return inside_box & (self.distance(x_adv, x) <= self.eps + tol)
+
+
+def _norm_of(delta: torch.Tensor, p: int) -> torch.Tensor:
+    flat = delta.flatten(1)
+    return flat.abs().sum(1) if p == 1 else flat.pow(2).sum(1).sqrt()
+
+
+@dataclass(frozen=True)
+class _LpBall:
+    """The L2 or L1 ball of radius ``eps`` around ``x``, intersected with the box ``bounds``.
+
+    ``project`` is the exact Euclidean projection onto ball ∩ box (not "scale into the ball, then clip",
+    which lands elsewhere when the box is active), found per example by bisection on the multiplier of
+    the ball constraint; the bisection ends on the feasible side, so a projected point is inside the ball
+    in exact arithmetic and within :meth:`slack` after float32 rounding of ``x + δ``.
+    """
+
+    eps: float
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    p = 2
+    norm = "l2"
+    _ITERS = 40
+
+    def __post_init__(self):
+        LinfBall.__post_init__(self)  # the same checks of ε and the bounds
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image box only: the ball is not a box, :meth:`project` handles it."""
+        lo, hi = self.bounds
+        return torch.full_like(x, lo), torch.full_like(x, hi)
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-example ‖x_adv − x‖_p, accumulated in float64 (a sum of d terms)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0)
+        return _norm_of((x_adv.double() - x.double()), self.p).to(x.dtype)
+
+    def slack(self, x: torch.Tensor) -> float:
+        """The rounding of ``x + δ`` in float32 (≤ 1.2e-7 per coordinate) summed the way the norm sums it."""
+        d = x[0].numel() if x.shape[0] else 1
+        return 1.2e-7 * (d if self.p == 1 else math.sqrt(d)) + 1e-6 * max(1.0, self.eps)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Per-example membership: inside the box exactly, ‖x_adv − x‖_p ≤ eps + tol + :meth:`slack`."""
+        lo, hi = self.bounds
+        flat = x_adv.flatten(1)
+        inside_box = (flat >= lo).all(1) & (flat <= hi).all(1) & torch.isfinite(flat).all(1)
+        return inside_box & (self.distance(x_adv, x) <= self.eps + tol + self.slack(x))
+
+    def steepest(self, grad: torch.Tensor) -> torch.Tensor:
+        """The unit-norm direction of steepest ascent of a linear function with gradient ``grad``."""
+        flat = grad.flatten(1)
+        if self.p == 2:
+            return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(grad)
+        top = flat.abs().argmax(1, keepdim=True)  # L1: all the budget on the largest coordinate
+        return torch.zeros_like(flat).scatter(1, top, flat.gather(1, top).sign()).view_as(grad)
+
+    def sample(self, x: torch.Tensor, generators) -> torch.Tensor:
+        """A random point of the ball: a direction from the example's own generator (Gaussian for L2,
+        Laplace-like for L1), a radius ε·u with u uniform, then the projection onto the box."""
+        if len(generators) != x.shape[0]:
+            raise ValueError("one generator per example is required")
+        shape = x.shape[1:]
+        rows = []
+        for g in generators:
+            v = torch.randn(shape, generator=g, dtype=torch.float32)
+            if self.p == 1:
+                v = v.sign() * torch.empty(shape).exponential_(generator=g)
+            u = torch.rand((), generator=g, dtype=torch.float32)
+            rows.append(v / _norm_of(v[None], self.p).clamp_min(1e-12) * self.eps * u)
+        noise = torch.stack(rows) if rows else torch.empty((0, *shape))
+        return self.project(x + noise.to(device=x.device, dtype=x.dtype), x)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, box=None) -> torch.Tensor:
+        """The nearest point of ball ∩ box to ``x_adv`` (see the class docstring)."""
+        return self.project_to(x_adv, x, None, box)
+
+    def project_to(self, x_adv: torch.Tensor, x: torch.Tensor, radius, box=None) -> torch.Tensor:
+        """The nearest point of the ball of per-example ``radius`` (``None``: ``eps``) ∩ box."""
+        eps = torch.full((x.shape[0],), self.eps, dtype=x.dtype, device=x.device) if radius is None \
+            else radius.to(device=x.device, dtype=x.dtype).clamp_max(self.eps)
+        lo_b, hi_b = self.box(x) if box is None else box
+        lo, hi = lo_b - x, hi_b - x  # the box, for δ
+        u = x_adv - x
+        d0 = torch.clamp(u, lo, hi)
+        inside = _norm_of(d0, self.p) <= eps
+        if bool(inside.all()):
+            return torch.clamp(x + d0, lo_b, hi_b)
+        if self.p == 2:
+            delta = self._bisect(lambda t: torch.clamp(u / (1 + t), lo, hi), u, inside, d0, eps)
+        else:
+            cap = torch.where(u >= 0, hi, -lo)  # how far each coordinate may move in its own direction
+            soft = lambda t: u.sign() * torch.minimum((u.abs() - t).clamp_min(0), cap)  # soft threshold
+            delta = self._bisect(soft, u, inside, d0, eps)
+        return torch.clamp(x + delta, lo_b, hi_b)
+
+    def _bisect(self, shrink, u, inside, d0, eps):
+        """Per example the smallest multiplier ``t ≥ 0`` with ‖shrink(t)‖_p ≤ ε (the KKT condition of the
+        projection), by bisection between a feasible upper end and 0; rows already inside keep ``d0``."""
+        n = u.shape[0]
+        view = (-1, *([1] * (u.ndim - 1)))
+        flat = u.flatten(1).abs()
+        # an upper end where the shrunk δ is surely inside the ball (δ = 0 for a zero radius)
+        hi_t = (flat.sum(1) / eps.clamp_min(1e-12) if self.p == 2 else flat.amax(1)).clamp_min(1.0)
+        lo_t = torch.zeros(n, device=u.device, dtype=u.dtype)
+        for _ in range(self._ITERS):
+            mid = (lo_t + hi_t) / 2
+            ok = _norm_of(shrink(mid.view(view)), self.p) <= eps
+            hi_t = torch.where(ok, mid, hi_t)
+            lo_t = torch.where(ok, lo_t, mid)
+        delta = shrink(hi_t.view(view))
+        return torch.where(inside.view(view), d0, delta)
+
+
+@dataclass(frozen=True)
+class L2Ball(_LpBall):
+    """The L2 ball of radius ``eps`` around ``x`` ∩ the box ``bounds`` (see :class:`_LpBall`)."""
+
+    p = 2
+    norm = "l2"
+
+
+@dataclass(frozen=True)
+class L1Ball(_LpBall):
+    """The L1 ball of radius ``eps`` around ``x`` ∩ the box ``bounds`` (see :class:`_LpBall`)."""
+
+    p = 1
+    norm = "l1"
+
+
+#: Threat models by norm name (the command line's ``--norm``).
+BALLS = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}

@@ -14,7 +14,8 @@ The workloads (CPU, a few minutes on 2 cores):
 ``diff`` compares every per-example value exactly (floats bit for bit, as text), except wall-time
 columns and the configuration text (its spelling may change; shown when it does); shard files are
 compared one by one, and so are the alarms that fired (model, alarm, detail). A column present on one
-side only is listed, not compared. Exit status 0 when identical, 1 otherwise.
+side only is listed, not compared; a renamed column (``linf`` became ``distance``) is compared under
+its new name. Exit status 0 when identical, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def _kind(path: Path) -> str:
     return path.name.split(".")[0]
 
 
+#: Columns renamed between versions: compared under their new name.
+RENAMED = {"linf": "distance"}
+
+
 def _load(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False).rename(columns=RENAMED)
     kind = _kind(path)
     if kind == "alarms":  # only the alarms that fired (once per model, alarm and detail: a version may
         # store an ε-independent alarm once or at every ε), whatever else a version stores beside them

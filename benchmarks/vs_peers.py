@@ -52,9 +52,9 @@ class Masked(torch.nn.Module):
         return torch.softmax(self.net(x), 1)  # probabilities: the margin's gradient vanishes when confident
 
 
-def verified_robust(model, x, x_adv, y, eps):
+def verified_robust(model, x, x_adv, y, eps, norm="linf"):
     """Robust flags from an independent check of the returned points (never from a tool's own flag)."""
-    ok = attacks.LinfBall(eps).contains(x_adv, x, tol=1e-6)  # feasibility is the threat model's
+    ok = attacks.threat_of(eps, norm=norm).contains(x_adv, x, tol=1e-6)  # feasibility is the threat model's
     with torch.no_grad():
         pred = model(x_adv).argmax(1)
     # an infeasible point cannot count as a break: the example stays robust for that tool
@@ -83,13 +83,14 @@ class Counted(torch.nn.Module):
         self.forward_rows = self.backward_rows = 0
 
 
-def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None):
+def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None,
+                   norm="linf"):
     """robusteval's battery, then the Square check on its survivors, through the runner (which verifies
     every point); returns per-example robust flags (worst case), seconds and the alarms raised."""
     t0 = time.perf_counter()
     outcome = runner.evaluate(Evaluation(models=((name, model),), battery=tuple(battery), eps=(eps,),
                                          dataset=ds, batch_size=batch, device=device, progress=False,
-                                         budget=Budget(steps=steps, restarts=restarts)))
+                                         budget=Budget(steps=steps, restarts=restarts), norm=norm))
     df = outcome.records
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
@@ -97,16 +98,17 @@ def run_robusteval(model, ds, eps, battery, batch, device, name="model", restart
     return robust, seconds, outcome.alarms
 
 
-def run_autoattack(model, x, y, eps, batch):
+def run_autoattack(model, x, y, eps, batch, norm="linf"):
     from pyautoattack import AutoAttack
 
-    aa = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=0, device=str(x.device))
+    aa = AutoAttack(model, eps=eps, norm={"linf": "Linf", "l2": "L2", "l1": "L1"}[norm], version="standard",
+                    seed=0, device=str(x.device))
     _sync(x.device)
     t0 = time.perf_counter()
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch)
     _sync(x.device)
     seconds = time.perf_counter() - t0
-    robust, bad = verified_robust(model, x, x_adv, y, eps)
+    robust, bad = verified_robust(model, x, x_adv, y, eps, norm)
     return robust, seconds, bad
 
 
@@ -134,6 +136,7 @@ def main():
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--norm", choices=["linf", "l2", "l1"], default="linf")
     p.add_argument("--battery", choices=["standard", "reduced"], default="standard")
     p.add_argument("--restarts", type=int, default=5, help="restarts per attack of the reduced battery")
     p.add_argument("--steps", type=int, default=100, help="steps per restart of the reduced battery")
@@ -151,7 +154,8 @@ def main():
     print(f"# {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", {args.dataset} n={len(x)} ({ds.source}), eps={args.eps}, {time.strftime('%Y-%m-%d %H:%M')}")
+          + f", {args.dataset} n={len(x)} ({ds.source}), {args.norm} eps={args.eps}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     if args.battery == "standard":
         battery, kw = ["standard"], {}
         print(f"# robusteval battery: standard ({', '.join(attacks.BATTERIES['standard'])}), then the Square "
@@ -174,14 +178,15 @@ def main():
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
         model.reset()
-        r_re, t_re, found = run_robusteval(model, ds, args.eps, battery, args.batch, str(device), spec, **kw)
+        r_re, t_re, found = run_robusteval(model, ds, args.eps, battery, args.batch, str(device), spec,
+                                           norm=args.norm, **kw)
         cost_re = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
         names = ", ".join(sorted({a.check for a in found})) or "none"
         for a in found:
             print(f"# alarm {spec}: {a.check} — {a.detail}", flush=True)
         if not args.no_autoattack:
             model.reset()
-            r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch)
+            r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch, args.norm)
             r_aa = r_aa.cpu()
             cost_aa = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
             only_aa = ids[~r_aa & r_re].tolist()

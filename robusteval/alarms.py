@@ -64,7 +64,7 @@ BATCH_TOLERANCE = 1e-3
 CHECK_QUERIES = 1000  # Square's budget when it runs as the check ...
 FULL_QUERIES = 5000  # ... and once a pre-check has already raised an alarm for the model (the preset's)
 UNRELIABLE_EXIT = 3
-COLUMNS = ("model", "checkpoint_sha256", "check", "eps", "status", "detail", "remedy")
+COLUMNS = ("model", "checkpoint_sha256", "check", "norm", "eps", "status", "detail", "remedy")
 STATUSES = ("raised", "clear")
 MAX_BYTES = 64 << 20
 
@@ -104,6 +104,7 @@ class Verdict:
     eps: float
     raised: bool
     detail: str
+    norm: str = "linf"
 
     @property
     def remedy(self) -> str:
@@ -111,7 +112,7 @@ class Verdict:
 
     @property
     def key(self) -> tuple:
-        return self.model, self.checkpoint_sha256, self.check, round(float(self.eps), 12)
+        return self.model, self.checkpoint_sha256, self.check, self.norm, round(float(self.eps), 12)
 
 
 def alarms_of(verdicts) -> list[Verdict]:
@@ -241,16 +242,23 @@ def black_box(name: str, sha: str, eps: float, df: pd.DataFrame, gradient_free: 
                    f"robust{share}")
 
 
-def large_eps(name: str, sha: str, model, x, y, ids, seed: int = 0, draws: int = 1) -> tuple[bool, str]:
-    """An untargeted attack at ε = :data:`LARGE_EPS` on the clean-correct ``x`` (at most :data:`SUBSET`;
-    ``draws`` EoT samples for a randomised model)."""
+def large_eps(name: str, sha: str, model, x, y, ids, seed: int = 0, draws: int = 1,
+              norm: str = "linf") -> tuple[bool, str]:
+    """An untargeted attack at a large radius on the clean-correct ``x`` (at most :data:`SUBSET`;
+    ``draws`` EoT samples for a randomised model): :data:`LARGE_EPS` in L∞, and in L2 and L1 the radius of
+    the ball that holds that L∞ ball (``LARGE_EPS·√d``, ``LARGE_EPS·d``), with APGD-CE (the paper's
+    untargeted attack is L∞ only)."""
     x, y, ids = x[:SUBSET], y[:SUBSET], torch.as_tensor(ids)[:SUBSET]
     if len(x) == 0:
         return False, "no clean-correct example to check"
-    atk = attacks.get("untargeted", LARGE_EPS, steps=20, restarts=1, draws=draws)
+    d = x[0].numel()
+    radius = {"linf": LARGE_EPS, "l2": LARGE_EPS * math.sqrt(d), "l1": LARGE_EPS * d}[norm]
+    name_ = "untargeted" if norm == "linf" else "apgd-ce"
+    atk = attacks.get(name_, radius, norm=norm, steps=20, restarts=1, draws=draws)
     res = attacks.run(atk, model, x, y, ids=ids, seed=seed)
     robust = float((~res.success).float().mean())
-    return robust > LARGE_EPS_ROBUST, (f"at ε = {LARGE_EPS} an untargeted attack leaves {robust:.0%} of "
+    where = f"ε = {LARGE_EPS}" if norm == "linf" else f"{norm.upper()} ε = {radius:.4g}"
+    return robust > LARGE_EPS_ROBUST, (f"at {where} an untargeted attack leaves {robust:.0%} of "
                                        f"{len(x)} examples robust")
 
 
@@ -294,7 +302,7 @@ def record(path: str | os.PathLike, verdicts: list[Verdict]) -> list[Verdict]:
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     for v in merged:
-        w.writerow([v.model, v.checkpoint_sha256, v.check, repr(float(v.eps)),
+        w.writerow([v.model, v.checkpoint_sha256, v.check, v.norm, repr(float(v.eps)),
                     "raised" if v.raised else "clear", v.detail, v.remedy if v.raised else ""])
     atomic_write(path, buf.getvalue())
     return merged
@@ -325,18 +333,20 @@ def read_file(path: str | os.PathLike) -> list[Verdict]:
         bad = lambda why, line=line: UserError(f"{path}: line {line}: {why}")
         if len(r) != len(COLUMNS):
             raise bad(f"{len(r)} fields, expected {len(COLUMNS)}")
-        model, sha, check, eps, status, detail, _ = r
+        model, sha, check, norm, eps, status, detail, _ = r
         if check not in REMEDIES:
             raise bad(f"unknown check {check!r}")
+        if norm not in ("linf", "l2", "l1"):
+            raise bad(f"unknown norm {norm!r}")
         if status not in STATUSES:
             raise bad(f"status is {status!r}, expected raised or clear")
         try:
             value = float(eps)
         except ValueError:
             raise bad(f"eps is {eps!r}, expected a number") from None
-        if not (math.isfinite(value) and 0 <= value <= 1):
-            raise bad(f"eps is {eps!r}, expected a radius in [0, 1]")
-        out.append(Verdict(model, sha, check, value, status == "raised", detail))
+        if not (math.isfinite(value) and 0 <= value and (value <= 1 or norm != "linf")):
+            raise bad(f"eps is {eps!r}, expected a radius (in [0, 1] for L∞)")
+        out.append(Verdict(model, sha, check, value, status == "raised", detail, norm))
     return out
 
 
@@ -362,7 +372,8 @@ def by_model(verdicts) -> dict[str, list[Verdict]]:
 
 
 def as_dicts(verdicts) -> list[dict]:
-    return [{"model": v.model, "checkpoint_sha256": v.checkpoint_sha256, "check": v.check, "eps": v.eps,
+    return [{"model": v.model, "checkpoint_sha256": v.checkpoint_sha256, "check": v.check, "norm": v.norm,
+             "eps": v.eps,
              "status": "raised" if v.raised else "clear", "detail": v.detail, "remedy": v.remedy}
             for v in verdicts]
 

@@ -84,14 +84,24 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
-def default_eps_text(name: str) -> str:
-    """:data:`DEFAULT_EPS` of ``name`` as written (``8/255``); ``8/255`` for an unknown dataset."""
-    return DEFAULT_EPS.get(canonical_name(name), "8/255")
+#: The usual L2 and L1 radii (RobustBench's CIFAR-10 L2 ε = 0.5, its L1 ε = 12; ImageNet L2 ε = 3;
+#: 28×28 grey images: L2 1.0, L1 10).
+DEFAULT_EPS_L2 = {"fashion-mnist": "1.0", "mnist": "1.0", "cifar10": "0.5", "cifar100": "0.5", "svhn": "0.5",
+                  "imagenet": "3.0", "npz": "0.5"}
+DEFAULT_EPS_L1 = {"fashion-mnist": "10", "mnist": "10", "cifar10": "12", "cifar100": "12", "svhn": "12",
+                  "imagenet": "60", "npz": "12"}
 
 
-def default_eps(name: str) -> float:
-    """:func:`default_eps_text` as a number in [0, 1] pixel units."""
-    num, _, den = default_eps_text(name).partition("/")
+def default_eps_text(name: str, norm: str = "linf") -> str:
+    """The usual radius of dataset ``name`` in ``norm`` as written (``8/255``; ``8/255``, ``0.5`` or ``12``
+    for an unknown dataset)."""
+    table = {"linf": DEFAULT_EPS, "l2": DEFAULT_EPS_L2, "l1": DEFAULT_EPS_L1}[norm]
+    return table.get(canonical_name(name), table["npz"])
+
+
+def default_eps(name: str, norm: str = "linf") -> float:
+    """:func:`default_eps_text` as a number (pixel units)."""
+    num, _, den = default_eps_text(name, norm).partition("/")
     return float(num) / float(den or 1)
 
 

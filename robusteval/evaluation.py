@@ -21,8 +21,8 @@ from pathlib import Path
 import attacks
 from robusteval.errors import UserError
 
-#: The norms a threat model can have (issue-free names used on the command line and in records).
-NORMS = ("linf",)
+#: The norms a threat model can have (the names used on the command line and in records).
+NORMS = tuple(attacks.BALLS)
 PRECISIONS = tuple(attacks.engine.PRECISIONS)
 #: ε below one grey level of 8-bit images is almost always a units mistake.
 SMALLEST_EPS = 1 / 255
@@ -86,7 +86,7 @@ class Budget:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-def _radii(eps) -> tuple[float, ...]:
+def _radii(eps, norm: str = "linf") -> tuple[float, ...]:
     values = eps if isinstance(eps, (list, tuple)) else [eps]
     out: dict[float, float] = {}
     for e in values:
@@ -94,8 +94,9 @@ def _radii(eps) -> tuple[float, ...]:
             e = float(e)
         except (TypeError, ValueError):
             raise UserError(f"ε must be a number in [0, 1] pixel units, got {e!r}") from None
-        if not math.isfinite(e) or e < 0 or e > 1:
-            raise UserError(f"ε must be in [0, 1] pixel units, got {e!r}")
+        if not math.isfinite(e) or e < 0 or (e > 1 and norm == "linf"):
+            raise UserError(f"ε must be in [0, 1] pixel units, got {e!r}" if norm == "linf" else
+                            f"ε must be a finite non-negative {norm.upper()} radius, got {e!r}")
         out.setdefault(round(e, 12), e)  # a radius given twice (8/255 typed two ways) runs once
     return tuple(out.values())
 
@@ -169,9 +170,9 @@ class Evaluation:
         if not battery:
             raise UserError("no attack given")
         set_("battery", battery)
-        set_("eps", _radii(self.eps) if self.eps != () else ())
         if self.norm not in NORMS:
             raise UserError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        set_("eps", _radii(self.eps, self.norm) if self.eps != () else ())
         check_count(self.n, "n", 1 << 62)
         check_count(self.limit, "limit", 1 << 62)
         if not isinstance(self.budget, Budget):
@@ -191,8 +192,9 @@ class Evaluation:
             raise UserError(f"`randomized` must be true, false or unset, got {self.randomized!r}")
         if self.out is not None:
             set_("out", Path(self.out))
-        self.build(self.eps[0] if self.eps else 0.1)  # an unknown attack or a useless budget fails here
-        warn_small_eps(self.eps)
+        self.build(attacks.threat_of(self.eps[0] if self.eps else 0.1, norm=self.norm))  # bad names fail here
+        if self.norm == "linf":
+            warn_small_eps(self.eps)
 
     def replace(self, **changes) -> Evaluation:
         return replace(self, **changes)
@@ -201,11 +203,11 @@ class Evaluation:
         """The radii of this evaluation, or the usual one for ``dataset`` when none was given."""
         from robusteval.data import default_eps
 
-        return self.eps or (default_eps(dataset),)
+        return self.eps or (default_eps(dataset, self.norm),)
 
     def threats(self, dataset: str) -> list:
         """One threat value per radius: the ``norm`` ball of that radius intersected with [0, 1]."""
-        return [attacks.threat_of(e) for e in self.radii(dataset)]
+        return [attacks.threat_of(e, norm=self.norm) for e in self.radii(dataset)]
 
     def build(self, threat, full_check: bool = False, draws: int = 1) -> Battery:
         """The battery for one threat (see :func:`build_battery`), every attack with ``draws`` EoT samples."""
@@ -245,14 +247,14 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
     from robusteval import alarms
 
     threat = attacks.threat_of(threat)
-    members, seen = [], set()
+    members, seen = [], set()  # (a battery's L1 form has no black-box check: Square is L∞ and L2 only)
     for item in attacks.expand(list(names)):
         atk = _member(item, threat, budget)
         if atk.name not in seen:
             seen.add(atk.name)
             members.append(atk)
     check = None
-    if checks and not any(not a.optimizer.uses_gradient for a in members):
+    if checks and not any(not a.optimizer.uses_gradient for a in members) and threat.norm != "l1":
         queries = budget.queries or (alarms.FULL_QUERIES if full_check else alarms.CHECK_QUERIES)
         check = attacks.get("square", threat, queries=queries)
     return Battery(tuple(members), check)

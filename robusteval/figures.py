@@ -165,3 +165,19 @@ def _save(fig, path) -> Path:
     fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return atomic_write(path, buf.getvalue())
+
+
+def curve_figure(table: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """Robust accuracy against ε (:func:`robusteval.reports.curve`), one step curve per model and norm."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (model, norm), sub in table.groupby(["model", "norm"], sort=False):
+        ax.step(sub["eps"], 100 * sub["robust_accuracy"], where="post", label=f"{model} ({norm.upper()})")
+    ax.set_xlabel("ε")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -88,6 +88,7 @@ class Plan:
     ids: tuple[int, ...]  # this writer's examples, dataset order
     example_sha: tuple[str, ...]
     units: tuple[Unit, ...] = ()
+    norm: str = "linf"  # the threat model's norm: one per directory
 
     def unit(self, model: str, eps: float) -> Unit | None:
         return next((u for u in self.units if u.key == (model, eps_key(eps))), None)
@@ -95,7 +96,7 @@ class Plan:
     def frame(self) -> dict:
         """What every invocation into the directory, and every shard of it, must share."""
         return {"dataset": self.dataset, "split": self.split, "selected": self.selected, "seed": self.seed,
-                "data_key": self.data_key}
+                "data_key": self.data_key, "norm": self.norm}
 
 
 def data_key(dataset: str, split: str, selected_ids) -> str:
@@ -112,6 +113,9 @@ def merge(old: Plan | None, new: Plan, where: Path | str = "the output directory
     configuration is a :class:`UserError` — the directory would otherwise mix two runs into one number."""
     if old is None:
         return new
+    if old.norm != new.norm:
+        raise UserError(f"{where} holds an evaluation in {old.norm.upper()}, not {new.norm.upper()}; use "
+                        "another output directory per norm")
     if old.seed != new.seed:
         raise UserError(f"{where} was planned with seed {old.seed}, not {new.seed}; use a fresh output "
                         "directory for another seed, or the same options to resume")
@@ -242,8 +246,8 @@ def _from_dict(d: dict) -> Plan:
                                          _typed(a["mode"], str, "mode"), a["role"],
                                          _typed(a["gradient"], bool, "gradient")))
         eps = _typed(u["eps"], float, "eps")
-        if not 0 <= eps <= 1:
-            raise ValueError(f"eps {eps} outside [0, 1]")
+        if not 0 <= eps or (eps > 1 and u["norm"] == "linf"):
+            raise ValueError(f"eps {eps} outside [0, 1] (L∞) or negative")
         draws = (_typed(u["eot"], int, "eot"), _typed(u["judge_draws"], int, "judge_draws"))
         if min(draws) < 1:
             raise ValueError("eot and judge_draws must be ≥ 1")
@@ -256,7 +260,13 @@ def _from_dict(d: dict) -> Plan:
         raise ValueError("a seed or an example id outside the 64-bit range")
     return Plan(_typed(d["dataset"], str, "dataset"), _typed(d["split"], str, "split"),
                 _typed(d["selected"], int, "selected"), shard, seed,
-                _typed(d["data_key"], str, "data_key"), ids, shas, tuple(units))
+                _typed(d["data_key"], str, "data_key"), ids, shas, tuple(units), _norm(d["norm"]))
+
+
+def _norm(value) -> str:
+    if value not in ("linf", "l2", "l1"):
+        raise ValueError(f"unknown norm {value!r}")
+    return value
 
 
 def read_dir(directory: Path) -> list[Plan]:

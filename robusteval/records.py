@@ -58,27 +58,29 @@ from robusteval.paths import output_dir
 
 COLUMNS: tuple[str, ...] = (
     "model", "checkpoint_sha256", "train_method", "train_steps", "dataset", "example_id", "label",
-    "example_sha", "attack", "attack_config", "eps", "seed", "mode", "status",
+    "example_sha", "attack", "attack_config", "norm", "eps", "seed", "mode", "status",
     "clean_pred", "adv_pred", "clean_correct", "success", "robust",
-    "margin", "objective", "linf", "restart", "steps", "target", "targeted_success", "seconds",
+    "margin", "objective", "distance", "restart", "steps", "target", "targeted_success", "seconds",
     "draws", "clean_share", "robust_share",
 )  # fmt: skip
 STRINGS = ("model", "checkpoint_sha256", "train_method", "dataset", "example_sha", "attack", "attack_config",
-           "mode", "status")
+           "norm", "mode", "status")
 INTS = ("example_id", "label", "seed", "clean_pred", "adv_pred", "restart", "steps", "target", "draws")
 BOOLS = ("clean_correct", "success", "robust", "targeted_success")
-FLOATS = ("eps", "margin", "objective", "linf", "seconds", "clean_share", "robust_share")
+FLOATS = ("eps", "margin", "objective", "distance", "seconds", "clean_share", "robust_share")
 NULLABLE_INTS = ("train_steps",)
-NULLABLE_FLOATS = ("margin", "objective", "linf", "robust_share")  # NaN for rows that were not attacked
+NULLABLE_FLOATS = ("margin", "objective", "distance", "robust_share")  # NaN for rows that were not attacked
 STATUSES = ("attacked", "clean-wrong", "skipped")
 #: ``+bf16``/``+fp16``: the attack's passes ran under autocast (points still verified in fp32).
 MODES = ("skip", "no-skip", "skip+bf16", "no-skip+bf16", "skip+fp16", "no-skip+fp16")
 FILENAME = rundir.filename(rundir.RECORDS)
+#: The threat models' norms (``attacks.BALLS``); a directory holds one.
+NORMS = ("linf", "l2", "l1")
 #: Slack of the distance check on read, as in verification (float32 rounding of x + δ).
 TOLERANCE = 1e-6
 
 #: The columns that identify a record; a rerun skips rows whose key is already on disk.
-KEY = ("model", "attack", "eps", "example_id")
+KEY = ("model", "attack", "norm", "eps", "example_id")
 #: What must be the same for records of one (model, attack, ε) to come from one run.
 RUN_FIELDS = ("checkpoint_sha256", "attack_config", "seed", "mode")
 _TRUE, _FALSE = ("True", "true", "1"), ("False", "false", "0")
@@ -101,7 +103,7 @@ class Schema:
 
 #: Attack records (``records.csv``), one row per model × attack × ε × example.
 RECORDS = Schema("records", COLUMNS, STRINGS, INTS, FLOATS, BOOLS, NULLABLE_INTS, NULLABLE_FLOATS,
-                 {"status": STATUSES, "mode": MODES})
+                 {"status": STATUSES, "mode": MODES, "norm": NORMS})
 #: γ records (``gamma.csv``), one row per model × example: the same identity and prediction columns as
 #: attack records, ε exactly (full precision) and as the user wrote it (``eps_text``), then γ's fields.
 GAMMA_COLUMNS: tuple[str, ...] = (
@@ -275,7 +277,9 @@ def _validate(raw: pd.DataFrame, lines: list[int], path: Path, schema: Schema = 
         first_bad([v is None or (v != v and not empty_ok) for v in parsed], c, "a number")
         out[c] = np.array(parsed, dtype="float64") if parsed else np.array([], dtype="float64")
     if "eps" in schema.columns:
-        first_bad(~np.isfinite(out["eps"]) | (out["eps"] < 0) | (out["eps"] > 1), "eps", "a radius in [0, 1]")
+        wide = (out["norm"] != "linf") if "norm" in out.columns else False  # L2/L1 radii may exceed 1
+        first_bad(~np.isfinite(out["eps"]) | (out["eps"] < 0) | ((out["eps"] > 1) & ~wide), "eps",
+                  "a radius (in [0, 1] for L∞)")
     for c in schema.bools:
         first_bad(~raw[c].isin(_TRUE + _FALSE), c, "True or False")
         out[c] = raw[c].isin(_TRUE)
@@ -296,6 +300,13 @@ def _gamma_rules(df: pd.DataFrame) -> list:
         (~np.isclose(df["sqrt_gamma"], np.sqrt(df["gamma"].clip(lower=0)), rtol=1e-6, atol=1e-12),
          "sqrt_gamma is not the square root of gamma"),
     ]
+
+
+def _slack(df: pd.DataFrame):
+    """What a recorded distance may exceed ε by: one float32 rounding in L∞ (verification's slack); in L2
+    and L1, whose distances sum the rounding of every coordinate (verification checked them against the
+    image's own size), a thousandth of ε plus a thousandth."""
+    return np.where(df["norm"] == "linf", TOLERANCE, 1e-3 * df["eps"] + 1e-3)
 
 
 def _record_rules(df: pd.DataFrame) -> list:
@@ -326,7 +337,8 @@ def _record_rules(df: pd.DataFrame) -> list:
         (attacked & ~single & (df["robust"] != ((share == 1) & df["clean_correct"])),
          "robust is not 'correct in every draw, clean and adversarial'"),
         (attacked & (df["success"] == df["robust"]), "success and robust agree (one negates the other)"),
-        (attacked & ~(df["linf"] <= df["eps"] + TOLERANCE), "the point is outside the ε-ball (linf > eps)"),
+        (attacked & ~(df["distance"] <= df["eps"] + _slack(df)),
+         "the point is outside the ε-ball (distance > eps)"),
     ]
 
 
@@ -408,7 +420,7 @@ def check_compatible(df: pd.DataFrame, merge_runs: bool = False) -> None:
     if merge_runs:
         return
     eps = df["eps"].map(eps_key)
-    for key, sub in df.groupby([df["model"], df["attack"], eps], sort=False):
+    for key, sub in df.groupby([df["model"], df["attack"], eps, df["norm"]], sort=False):
         for col in RUN_FIELDS:
             if sub[col].nunique() > 1:
                 raise UserError(

@@ -26,17 +26,18 @@ import json
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from robusteval.errors import UserError
 from robusteval.plan import eps_key
 
-UNIT = ("model", "dataset", "eps", "example_id")
+UNIT = ("model", "dataset", "norm", "eps", "example_id")
 NOMINAL, WORST, COUNT = "Nominal", "Worst case", "n"
 #: A randomised model's numbers judged by the mean share of correct draws (beside the worst case).
 NOMINAL_EXPECTED, EXPECTED = "Nominal (expected)", "Expected"
 FORMATS = ("table", "markdown", "latex", "csv", "json")
-HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε",
+HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε", "norm": "Norm",
            "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
 _UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t", "odi"}
 
@@ -77,6 +78,9 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
         rows.append("eps")
     if df["dataset"].nunique() > 1 and "dataset" not in rows and columns != "dataset":
         rows.insert(rows.index("eps") if "eps" in rows else len(rows), "dataset")
+    if "norm" in df.columns and (df["norm"].nunique() > 1 or (df["norm"] != "linf").any()) \
+            and "norm" not in rows and columns != "norm":  # a radius is read with its norm
+        rows.insert(rows.index("eps") if "eps" in rows else len(rows), "norm")
     unit = list(dict.fromkeys([*rows, *UNIT]))
     groups = dict(sort=False, dropna=False)
     random = "draws" in df.columns and bool((df["draws"] > 1).any())
@@ -92,8 +96,9 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
         per_example = sub.groupby(unit, **groups)["robust"].all().groupby(rows, **groups)
         # A column with fewer examples than its row (an interrupted run) would report the accuracy of
         # whatever subset happens to be recorded: show it as missing ("–") instead of a wrong number.
-        done = per_example.size().reindex(table.index, fill_value=0) >= table[COUNT]
-        complete &= done
+        size = per_example.size().reindex(table.index, fill_value=0)
+        done = size >= table[COUNT]
+        complete &= done | (size == 0)  # an attack a row never ran (another ε's battery) leaves it whole
         label = attack_title(value) if columns == "attack" else (
             format_eps(value) if columns == "eps" else str(value))
         table[label] = per_example.mean().where(done)
@@ -130,9 +135,11 @@ def mark_alarms(table: pd.DataFrame, df: pd.DataFrame, verdicts) -> pd.DataFrame
     raised = [v for v in verdicts if v.raised]
     cells = []
     for sub in _rows_of(table, df):
-        pairs = set(zip(sub["checkpoint_sha256"], sub["model"], sub["eps"].map(eps_key), strict=True))
-        found = {v.check for v in raised for sha, model, e in pairs
-                 if v.checkpoint_sha256 == sha and _same_model(v.model, model) and eps_key(v.eps) == e}
+        pairs = set(zip(sub["checkpoint_sha256"], sub["model"], sub["norm"], sub["eps"].map(eps_key),
+                        strict=True))
+        found = {v.check for v in raised for sha, model, norm, e in pairs
+                 if v.checkpoint_sha256 == sha and _same_model(v.model, model) and v.norm == norm
+                 and eps_key(v.eps) == e}
         cells.append(", ".join(sorted(found)) if found else "none")
     out = table.copy()
     out[ALARMS] = cells
@@ -251,6 +258,8 @@ def _cell(col: str, value) -> str:
         return "–"
     if col == COUNT:
         return str(int(value))
+    if col == "norm":
+        return {"linf": "L∞", "l2": "L2", "l1": "L1"}.get(str(value), str(value))
     if col == "eps":
         return format_eps(value)
     if col == "train_steps":
@@ -352,3 +361,55 @@ def save_summary(table: pd.DataFrame, out, note: str | None = None, title: str |
     atomic_write(paths[0], render(table, "csv"))
     atomic_write(paths[1], render(table, "markdown", note=note, title=title))
     return paths
+
+
+# ---------------------------------------------------------------------------------- robustness curve
+
+
+def radii(df: pd.DataFrame) -> pd.DataFrame:
+    """Each example's radius per (model, dataset, norm): the smallest distance of any verified adversarial
+    point in the records (a minimum-norm attack's, or any fixed-ε attack's — each is an upper bound on
+    the example's minimal adversarial radius), 0 for a clean-wrong example, ∞ when nothing broke it."""
+    keys = ["model", "dataset", "norm", "example_id"]
+    broken = df[(df["status"] == "attacked") & ~df["robust"]]
+    r = broken.groupby(keys)["distance"].min()
+    out = df.groupby(keys, sort=False)["clean_correct"].max().to_frame("clean_correct")
+    out["radius"] = r.reindex(out.index)
+    out["radius"] = out["radius"].where(out["clean_correct"], 0.0).fillna(float("inf"))
+    return out.reset_index()
+
+
+def curve(df: pd.DataFrame, points: int = 200) -> pd.DataFrame:
+    """Robust accuracy as a function of ε from the radii (:func:`radii`): ``robust(ε) = share of examples
+    whose radius exceeds ε``, monotone by construction; evaluated at every radius where it steps, at the
+    radii of the records and on an even grid of ``points`` up to the largest ε recorded."""
+    rows = []
+    for (model, dataset, norm), sub in radii(df).groupby(["model", "dataset", "norm"], sort=False):
+        mine = df[(df["model"] == model) & (df["dataset"] == dataset) & (df["norm"] == norm)]
+        top = float(mine["eps"].max())
+        r = sub["radius"].to_numpy()
+        grid = np.unique(np.concatenate([np.linspace(0, top, points), r[np.isfinite(r) & (r <= top)],
+                                         mine["eps"].unique()]))
+        for e in grid:
+            rows.append({"model": model, "dataset": dataset, "norm": norm, "eps": float(e),
+                         "robust_accuracy": float((r > e).mean()), "n": len(r)})
+    return pd.DataFrame(rows)
+
+
+def curve_disagreements(df: pd.DataFrame, tolerance_examples: int = 0) -> list[str]:
+    """Every (model, ε) at which a fixed-ε battery's worst case is higher than the curve: examples it left
+    robust that a point of another run (the minimum-norm attack) breaks within ε."""
+    lines = []
+    r = radii(df).set_index(["model", "dataset", "norm", "example_id"])["radius"]
+    groups = df.groupby(["model", "dataset", "norm", df["eps"].map(eps_key)], sort=False)
+    for (model, dataset, norm, eps), sub in groups:
+        fixed = sub.groupby("example_id")["robust"].all()
+        ids = fixed.index
+        mine = r.loc[[(model, dataset, norm, i) for i in ids]].to_numpy()
+        missed = int((fixed.to_numpy() & (mine <= eps)).sum())
+        if missed > tolerance_examples:
+            on_curve, here = float((mine > eps).mean()), float(fixed.mean())
+            lines.append(f"DISAGREE {model} / {norm.upper()} ε={eps:.4g}: the curve gives {on_curve:.2%}, "
+                         f"the records at this ε {here:.2%} — {missed} example(s) left robust here are "
+                         "broken within ε by another run (its number at this ε is too high)")
+    return lines

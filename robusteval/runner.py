@@ -242,11 +242,11 @@ def _plan(ev: Evaluation, ds: Dataset, selected: Dataset, subjects, batteries, d
             planned = tuple(plan.PlannedAttack(a.name, a.config(), _mode(ev, battery.role(a) == "check"),
                                                battery.role(a), a.optimizer.uses_gradient)
                             for a in battery.attacks)
-            units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks, eot=s.eot,
-                                   judge_draws=s.judge_draws))
+            units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks, threat.norm,
+                                   eot=s.eot, judge_draws=s.judge_draws))
     return plan.Plan(ds.name, ds.split, len(selected), ev.shard, ev.seed,
                      plan.data_key(ds.name, ds.split, selected.ids.tolist()), tuple(ds.ids.tolist()),
-                     tuple(digests), tuple(units))
+                     tuple(digests), tuple(units), ev.norm)
 
 
 def _post_names(battery: Battery) -> tuple[str, ...]:
@@ -273,7 +273,9 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
         notify(f"note: using the {selected.source} of the Fashion-MNIST test split")
     ds = selected.shard(*ev.shard) if ev.shard else selected
     if not ev.eps:
-        notify(f"using the default ε = {default_eps_text(ds.name)} for {ds.name} (set it with `eps`)")
+        norm = "" if ev.norm == "linf" else f" ({ev.norm.upper()})"
+        text = default_eps_text(ds.name, ev.norm)
+        notify(f"using the default ε = {text}{norm} for {ds.name} (set it with `eps`)")
     threats = ev.threats(ds.name)
     where = RunDir(ev.out, ev.shard) if ev.out is not None else None
     if where is not None:
@@ -321,6 +323,7 @@ def _batteries(s: Subject, ds: Dataset, ev: Evaluation, threats) -> list:
     random = any(v.raised and v.check == "randomness" for v in s.verdicts)
     if ev.randomized or (ev.randomized is None and random):
         _randomise(s, ds, ev, threats)
+    s.verdicts = [replace(v, norm=ev.norm) for v in s.verdicts]
     doubtful = any(v.raised for v in s.verdicts)
     return [(t, ev.build(t, full_check=doubtful, draws=s.eot)) for t in threats]
 
@@ -365,10 +368,12 @@ def _post_checks(s: Subject, ds: Dataset, batteries, df: pd.DataFrame, seed: int
             found.append(alarms.black_box(s.name, s.sha256, threat.eps, unit, free))
     x, y, ids = _clean_correct(ds, s)
     with eval_mode(s.model), randomness.seeded(seed, 0, randomness.stream("large-eps"), s.device):
-        raised, detail = alarms.large_eps(s.name, s.sha256, s.attacked, x, y, ids, seed, draws=s.eot)
+        raised, detail = alarms.large_eps(s.name, s.sha256, s.attacked, x, y, ids, seed, draws=s.eot,
+                                          norm=batteries[0][0].norm if batteries else "linf")
     found += [alarms.Verdict(s.name, s.sha256, "no-convergence-at-large-eps", t.eps, raised, detail)
               for t, _ in batteries]
-    return found + alarms.monotone(s.name, s.sha256, worst, len(ds))
+    norm = batteries[0][0].norm if batteries else "linf"
+    return [replace(v, norm=norm) for v in found + alarms.monotone(s.name, s.sha256, worst, len(ds))]
 
 
 # ------------------------------------------------------------------------------------ one attack
@@ -422,7 +427,8 @@ class _Job:
             "model": s.name, "checkpoint_sha256": s.sha256, "train_method": s.loaded.train_method,
             "train_steps": s.loaded.train_steps, "dataset": self.ds.name, "example_id": int(self.ids[k]),
             "label": int(self.labels[k]), "example_sha": self.digests[k], "attack": a.name,
-            "attack_config": a.config(), "eps": a.eps, "seed": self.ev.seed, "mode": self.mode,
+            "attack_config": a.config(), "norm": a.threat.norm, "eps": a.eps, "seed": self.ev.seed,
+            "mode": self.mode,
             "clean_pred": pred, "clean_correct": pred == int(self.labels[k]), "draws": s.judge_draws,
             "clean_share": float(s.clean_share[k]),
         }  # fmt: skip
@@ -471,7 +477,7 @@ def _not_attacked(status: str, adv_pred: int) -> dict:
     nan = float("nan")
     wrong = status == "clean-wrong"
     return {"status": status, "adv_pred": adv_pred, "success": False, "robust": False, "margin": nan,
-            "objective": nan, "linf": 0.0 if wrong else nan, "restart": -1, "steps": 0,
+            "objective": nan, "distance": 0.0 if wrong else nan, "restart": -1, "steps": 0,
             "target": -1, "targeted_success": False, "seconds": 0.0, "robust_share": 0.0 if wrong else nan}
 
 
@@ -505,7 +511,7 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
     seconds = (time.perf_counter() - t0) / len(chunk)
     cols = {  # one device-to-host copy per column, not one per example
         "adv_pred": pred, "margin": attacks.margin_of(z, y), "objective": res.value,
-        "linf": atk.threat.distance(res.x_adv, x), "restart": res.run, "steps": res.steps,
+        "distance": atk.threat.distance(res.x_adv, x), "restart": res.run, "steps": res.steps,
         "target": res.target, "robust_share": share,
     }  # fmt: skip
     cols = {k: v.detach().cpu().tolist() for k, v in cols.items()}
@@ -516,7 +522,7 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
         robust = cols["robust_share"][i] == 1.0 and row["clean_correct"]
         rows.append({
             **row, "status": "attacked", "adv_pred": pred, "success": not robust, "robust": robust,
-            "margin": cols["margin"][i], "objective": cols["objective"][i], "linf": cols["linf"][i],
+            "margin": cols["margin"][i], "objective": cols["objective"][i], "distance": cols["distance"][i],
             "restart": cols["restart"][i], "steps": cols["steps"][i], "target": target,
             "targeted_success": target >= 0 and pred == target, "seconds": seconds,
             "robust_share": cols["robust_share"][i],

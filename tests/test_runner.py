@@ -36,7 +36,7 @@ def test_records_have_the_schema_and_are_verified(tiny_ckpt, data):
     assert len(df) == len(data) * len(BATTERY)
     assert set(df["status"]) <= set(records.STATUSES) and "attacked" in set(df["status"])
     att = df[df.status == "attacked"]
-    assert (att["linf"] <= EPS + runner.TOLERANCE).all()
+    assert (att["distance"] <= EPS + runner.TOLERANCE).all() and set(att["norm"]) == {"linf"}
     # robust ⇔ clean-correct and the verified point is classified as the label
     assert (df["robust"] == (df["clean_correct"] & (df["adv_pred"] == df["label"]))).all()
     assert not df.loc[df.status != "attacked", "robust"].any()
@@ -48,7 +48,7 @@ def test_records_have_the_schema_and_are_verified(tiny_ckpt, data):
 
 def test_worst_case_is_per_example_all():
     base = {c: 0 for c in records.COLUMNS} | {"model": "m", "dataset": "d", "eps": 0.1, "mode": "no-skip",
-                                              "clean_correct": True}
+                                              "clean_correct": True, "norm": "linf", "draws": 1}
     rows = [base | {"example_id": i, "attack": a, "robust": r}
             for i, (ra, rb) in enumerate([(True, True), (False, True), (True, False), (False, False)])
             for a, r in (("untargeted", ra), ("multi-targeted", rb))]
@@ -65,7 +65,7 @@ def test_incomplete_attack_column_is_not_reported_as_a_number():
     # An interrupted run: multi-targeted has records for 2 of the 4 examples only. Its accuracy over the
     # recorded subset (and a worst case ignoring the missing rows) would be a wrong, optimistic number.
     base = {c: 0 for c in records.COLUMNS} | {"model": "m", "dataset": "d", "eps": 0.1, "mode": "no-skip",
-                                              "clean_correct": True}
+                                              "clean_correct": True, "norm": "linf", "draws": 1}
     rows = [base | {"example_id": i, "attack": "untargeted", "robust": i < 3} for i in range(4)]
     rows += [base | {"example_id": i, "attack": "multi-targeted", "robust": True} for i in range(2)]
     table = reports.summarize(records.coerce(pd.DataFrame(rows)))
@@ -179,8 +179,9 @@ def test_results_do_not_depend_on_batch_size(tiny_ckpt, data):
 
 def test_records_file_survives_a_torn_write(tmp_path):
     row = {c: 1 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": 0.1, "robust": True,
-                                              "success": False, "linf": 0.05, "status": "attacked",
-                                              "mode": "skip"}
+                                              "success": False, "distance": 0.05, "status": "attacked",
+                                              "mode": "skip", "norm": "linf", "clean_share": 1.0,
+                                              "robust_share": 1.0}
     path = tmp_path / records.FILENAME
     records.append(path, [row | {"example_id": 0}, row | {"example_id": 1}])
     with open(path, "a") as f:

@@ -108,6 +108,7 @@ def test_eps_round_trips_exactly_in_both_record_formats(eps, tmp_path):
     base = {c: 0 for c in records.COLUMNS} | {"model": "m", "attack": "a", "eps": eps, "status": "attacked",
                                               "mode": "skip", "robust": True, "clean_correct": True,
                                               "draws": 1, "clean_share": 1.0, "robust_share": 1.0,
+                                              "norm": "linf",
                                               "example_sha": "0" * 16}
     records.append(tmp_path / records.FILENAME, [base])
     assert records.read(tmp_path)["eps"].iloc[0] == eps

@@ -75,6 +75,10 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
 @click.option("--eps-scale", type=float, default=1.0, show_default=True, help="Divide every --eps by this.")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True,
+              help="The threat model: the L∞, L2 or L1 ball of radius ε (intersected with [0, 1]). The paper "
+                   "presets are L∞ only; standard, the APGD presets, fmn (minimum norm) and Square (L∞, L2) "
+                   "take every norm.")
 @click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's, else fashion-mnist).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives.")
 @click.option("--download", is_flag=True, help="Download the dataset through torchvision if missing.")
@@ -124,7 +128,7 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
 @click.option("--allow-unreliable", is_flag=True,
               help="Exit 0 even when an alarm marks a model's number unreliable (it is still marked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir, download, n,
+def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, data_dir, download, n,
                    batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
                    bpda, precision, compile_model, shard_text, no_checks, randomized, draws, eot_max,
                    allow_unreliable, quiet):
@@ -167,7 +171,8 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
         size = parse_step_size(step_size)
         ev = Evaluation(
             models=tuple(models), battery=tuple(attack_names),
-            eps=tuple(parse_eps(t, eps_scale) for t in eps_texts), dataset=dataset, data_dir=data_dir,
+            eps=tuple(parse_eps(t, eps_scale, norm) for t in eps_texts), norm=norm, dataset=dataset,
+            data_dir=data_dir,
             download=download, n=n, limit=DEFAULT_N, budget=Budget(steps, restarts, size[0] if size else None,
                                                    size[1] if size else None, queries),
             seed=seed, precision=precision, compile=compile_model, bpda=bpda, no_skip=no_skip,
@@ -176,6 +181,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, dataset, data_dir
             out=Path(out) if out else default_out("attack"), progress=not quiet)
         if ctx is not None:
             distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": ev.eps,
+                                    "norm": norm,
                                     "n": n, "dataset": dataset, "seed": seed, "out": str(ev.out.resolve()),
                                     "budget": ev.budget, "no_skip": no_skip, "checks": not no_checks,
                                     "precision": precision, "bpda": bpda, "randomized": randomized,

@@ -12,10 +12,10 @@ from robusteval.runtime import resolve_device  # noqa: F401 — the commands' im
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
 
-def parse_eps(text: str, scale: float = 1.0) -> float:
+def parse_eps(text: str, scale: float = 1.0, norm: str = "linf") -> float:
     """Parse an ε given on the command line: ``8/255``, ``0.031`` or ``8`` (with ``scale=255``).
 
-    The result is in [0, 1] pixel units (docs/protocol.md, "Units"). Anything else —
+    The result is in pixel units (docs/protocol.md, "Units"); an L∞ radius is at most 1. Anything else —
     a negative value, NaN, a division by zero, a value above 1 after scaling — is a
     :class:`UserError`.
     """
@@ -41,7 +41,7 @@ def parse_eps(text: str, scale: float = 1.0) -> float:
     value = value / scale
     if not math.isfinite(value) or value < 0:
         raise UserError(f"invalid epsilon {text!r}: must be a non-negative number")
-    if value > 1:
+    if value > 1 and norm == "linf":
         raise UserError(
             f"epsilon {text!r} is {value:g} in [0,1] pixel units, larger than the whole image range; "
             "did you mean --eps-scale 255?"

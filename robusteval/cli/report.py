@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from robusteval.cli import cli
@@ -26,7 +28,12 @@ def _split(values) -> list[str]:
               help="Combine records of one model from different runs (other seed, budget or mode): an "
                    "example counts as robust only if it is robust in every run. Without it such files are "
                    "refused.")
-def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_unreliable):
+@click.option("--curve", "curve_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.csv",
+              help="Also write robust accuracy against ε (CSV, and a plot beside it as FILE.png): each "
+                   "example's radius is the smallest distance of any adversarial point in the records (a "
+                   "minimum-norm run, -a fmn, gives it for every ε up to its own); ε values where a fixed-ε "
+                   "run's number is above the curve are flagged.")
+def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_unreliable, curve_path):
     """Summarise records.csv files (or run directories) into a robust-accuracy table.
 
     Every number is a group-by of the per-example records: Nominal = clean accuracy, one column per
@@ -56,4 +63,21 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_un
 
     view = show_results(list(record_files), rows=_split(rows), columns=columns, title=title, fmt=fmt,
                         merge_runs=merge_runs)
+    if curve_path is not None:
+        write_curve(view.records, Path(curve_path))
     finish(view, allow_unreliable)
+
+
+def write_curve(df, path) -> None:
+    """The robustness curve of the records: CSV, plot, and any ε where it disagrees with a fixed-ε run."""
+    from robusteval import reports
+    from robusteval.figures import curve_figure
+    from robusteval.paths import atomic_write, output_dir
+
+    output_dir(path.parent if str(path.parent) else Path("."))
+    table = reports.curve(df)
+    atomic_write(path, table.to_csv(index=False))
+    png = curve_figure(table, path.with_suffix(".png"), title="robust accuracy against ε")
+    for line in reports.curve_disagreements(df):
+        click.echo(line)
+    click.echo(f"curve: {path}, {png}")

@@ -1,0 +1,161 @@
+"""L2 and L1 threat models (attacks.threats), the attacks for each norm, the minimum-norm attack, and the
+robustness curve (robusteval.reports.curve)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import attacks
+from robusteval import records, reports
+from robusteval.cli import cli
+
+BALLS = [(attacks.L2Ball, 0.6), (attacks.L1Ball, 0.9), (attacks.LinfBall, 0.2)]
+
+
+def _brute_nearest(ball, x: torch.Tensor, p: torch.Tensor, samples: int = 400_000) -> torch.Tensor:
+    """The nearest of many feasible points (uniform in the ε-cube around ``x``, clipped to the box and
+    kept when inside the ball) to ``p``: a brute-force upper bound on the projection's distance."""
+    g = torch.Generator().manual_seed(0)
+    c = (x + (torch.rand(samples, x.numel(), generator=g, dtype=torch.float64) * 2 - 1) * ball.eps).clamp(0, 1)
+    c = c[ball.distance(c, x.expand_as(c)) <= ball.eps]
+    return (c - p).norm(dim=1).min()
+
+
+@pytest.mark.parametrize("ball, eps", BALLS)
+def test_projection_is_the_nearest_feasible_point(ball, eps):
+    """Against brute force on small vectors, with the box active (points near the faces of [0, 1])."""
+    threat = ball(eps)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(12, 3, generator=g, dtype=torch.float64) ** 3  # many coordinates near 0
+    p = x + torch.randn(12, 3, generator=g, dtype=torch.float64)
+    proj = threat.project(p, x)
+    assert bool(threat.contains(proj, x).all())
+    for i in range(len(x)):
+        ours = (proj[i] - p[i]).norm()
+        assert float(ours) <= float(_brute_nearest(threat, x[i:i + 1], p[i])) + 1e-9
+    inside = threat.project(x + 0.01 * (p - x) / (p - x).norm(dim=1, keepdim=True), x)
+    assert torch.allclose(inside, (x + 0.01 * (p - x) / (p - x).norm(dim=1, keepdim=True)).clamp(0, 1))
+
+
+@pytest.mark.parametrize("ball, eps", BALLS)
+def test_samples_lie_in_the_ball_and_depend_only_on_the_example(ball, eps):
+    threat = ball(eps)
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    a = threat.sample(x, attacks.generators(0, range(5), 0))
+    b = threat.sample(x[2:3], attacks.generators(0, [2], 0))
+    assert bool(threat.contains(a, x).all()) and torch.equal(a[2:3], b)
+
+
+class RowWise(nn.Module):
+    """One example at a time: CPU kernels round differently with the batch size, which a normalised
+    gradient step would amplify; per-example results must then be bit-identical."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.cat([self.net(x[i:i + 1]) for i in range(len(x))])
+
+
+class Linear(nn.Module):
+    """A binary linear classifier ``z₁ = w·x − c``, ``z₀ = 0``: the nearest misclassified point in ‖·‖_p is
+    at distance ``|w·x − c| / ‖w‖_q`` (q dual to p) while the box is not in the way."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w - 0.5 * self.w.sum()
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+@pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1), ("l1", float("inf"))])
+def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, dual):
+    w = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 10
+    model = Linear(w).eval()
+    x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4  # the box stays inactive
+    y = model(x).argmax(1)
+    exact = (x @ w - 0.5 * w.sum()).abs() / torch.linalg.vector_norm(w, ord=dual)
+    atk = attacks.get("fmn", 3.0, norm=norm)
+    res = attacks.run(atk, model, x, y, seed=0)
+    found = atk.threat.distance(res.x_adv, x)
+    assert bool(res.success.all())
+    assert bool(((found - exact).abs() <= 0.01 * exact + 1e-6).all())  # within 1% of the exact radius
+    assert bool(atk.threat.contains(res.x_adv, x).all())
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn"])
+def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
+    torch.manual_seed(0)
+    model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    atk = attacks.get(name, 0.8 if norm == "l2" else 2.0, norm=norm, steps=12)
+    ids = torch.arange(10, 16)
+    full = attacks.run(atk, model, x, y, ids=ids, seed=5)
+    part = attacks.run(atk, model, x[3:], y[3:], ids=ids[3:], seed=5)
+    assert torch.equal(full.x_adv[3:], part.x_adv) and torch.equal(full.success[3:], part.success)
+    assert bool(atk.threat.contains(full.x_adv, x).all())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert attacks.from_config(atk.config()) == atk
+
+
+def test_square_l2_stays_feasible_and_breaks_a_linear_model():
+    w = torch.randn(3 * 8 * 8, generator=torch.Generator().manual_seed(4))
+    model = nn.Sequential(nn.Flatten(), Linear(w)).eval()
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = model(x).argmax(1)
+    atk = attacks.get("square", 1.0, norm="l2", queries=300)
+    res = attacks.run(atk, model, x, y, seed=0)
+    assert bool(atk.threat.contains(res.x_adv, x).all()) and bool(res.success.any())
+    with pytest.raises(ValueError, match="L∞"):
+        attacks.get("square", 5.0, norm="l1")
+
+
+def _rows(distances, robust, eps, attack="a"):
+    base = {c: 0 for c in records.COLUMNS} | {"model": "m", "dataset": "d", "norm": "l2", "draws": 1,
+                                              "status": "attacked", "clean_correct": True, "attack": attack}
+    return [base | {"example_id": i, "distance": dist, "robust": r, "eps": eps}
+            for i, (dist, r) in enumerate(zip(distances, robust, strict=True))]
+
+
+def test_the_curve_is_monotone_and_flags_a_fixed_radius_run_above_it():
+    # a minimum-norm run at ε = 2 breaks examples 0..2 at radii 0.5, 1.2, 1.9; a fixed-ε run at ε = 1.5
+    # breaks example 0 only: example 1 (radius 1.2) is a miss of the fixed run
+    df = records.coerce(pd.DataFrame(_rows([0.5, 1.2, 1.9, 2.0], [False, False, False, True], 2.0, "fmn")
+                                     + _rows([0.4, 1.5, 1.5, 1.5], [False, True, True, True], 1.5, "std")))
+    table = reports.curve(df)
+    acc = table.set_index("eps")["robust_accuracy"]
+    assert acc.is_monotonic_decreasing
+    # radii: example 0 min(0.5, 0.4) = 0.4, example 1 1.2, example 2 1.9, example 3 never broken
+    assert (acc[0.0], acc[0.4], acc[1.2], acc[1.5], acc[1.9], acc[2.0]) == (1.0, 0.75, 0.5, 0.5, 0.25, 0.25)
+    flags = reports.curve_disagreements(df)
+    assert len(flags) == 1 and "ε=1.5" in flags[0] and "1 example(s)" in flags[0]
+
+
+def test_attack_and_report_in_l2_end_to_end(tiny_ckpt, tiny_npz, tmp_path):
+    out = tmp_path / "o"
+    args = ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n", "16", "--norm", "l2", "--eps",
+            "1.5", "-a", "apgd-ce", "-a", "fmn", "--steps", "20", "--queries", "50", "--device", "cpu", "-q",
+            "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "L2" in result.stdout
+    df = records.read(out)
+    assert set(df["norm"]) == {"l2"} and (df.loc[df.status == "attacked", "distance"] <= 1.5 + 1e-3).all()
+    curve = CliRunner().invoke(cli, ["report", str(out), "--curve", str(tmp_path / "c.csv")])
+    assert curve.exit_code == 0 and (tmp_path / "c.png").is_file()
+    table = pd.read_csv(tmp_path / "c.csv")
+    assert table["robust_accuracy"].is_monotonic_decreasing
+    other = CliRunner().invoke(cli, ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n", "16",
+                                     "--eps", "0.1", "-a", "apgd-ce", "--device", "cpu", "-q", "--out", str(out)])
+    assert other.exit_code != 0 and "holds an evaluation in L2" in other.stderr
