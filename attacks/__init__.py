@@ -73,7 +73,9 @@ from .optimizers import (
 )
 from .presets import (
     BATTERIES,
+    GATES,
     PRESETS,
+    STANDARD,
     Registry,
     apgd_ce,
     apgd_dlr,
@@ -82,6 +84,7 @@ from .presets import (
     fgsm20,
     fmn,
     from_config,
+    gates,
     get,
     local_linearity,
     multi_targeted,
@@ -97,7 +100,7 @@ from .schedules import Cosine, Piecewise, constant, paper_decay, piecewise
 from .seeding import example_seed, generators
 from .square import RandomSquares, RandomSquaresL2, WindowSchedule
 from .starts import DiverseStart, NoStart, StripeStart, UniformStart
-from .targets import RandomTarget, RankedTargets, Untargeted, linearised_distance
+from .targets import RandomTarget, RankedTargets, Untargeted, closeness, linearised_distance
 from .threats import BALLS, L1Ball, L2Ball, LinfBall
 
 __all__ = [
@@ -115,7 +118,8 @@ __all__ = [
     "per_example_cross_entropy",
     "Adam", "AdamState", "Sign", "adam", "sign", "APGD", "APGDState", "apgd", "apgd_checkpoints",
     "Piecewise", "constant", "piecewise", "paper_decay",
-    "PRESETS", "BATTERIES", "Registry", "get", "names", "from_config", "expand",
+    "PRESETS", "BATTERIES", "GATES", "STANDARD", "Registry", "get", "names", "from_config", "expand",
+    "gates", "closeness",
     "apgd_ce", "apgd_dlr", "apgd_t",
     "untargeted", "random_targeted", "multi_targeted", "fgsm20", "pgd", "local_linearity",
 ]

@@ -224,9 +224,31 @@ _SPELLINGS = {"fgsm20": "fgsm-20", "multitargeted": "multi-targeted", "randomtar
 
 #: Named batteries: presets run in order, each on the survivors of the ones before it.
 BATTERIES: dict[str, tuple[str, ...]] = {
-    "standard": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
+    "standard-v1": ("apgd-ce", "apgd-t"),
+    "standard-v2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
+    "standard-v3": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
 }
+#: The version ``standard`` stands for: a number is quoted as "robusteval standard v3".
+STANDARD = "standard-v3"
+BATTERIES["standard"] = BATTERIES[STANDARD]
+#: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
+#: survivor skips that member. Every member before a gated one scores its survivors at the best point
+#: it found, and a survivor's score is the smallest so far: the targeted round goes to survivors whose
+#: boundary the first-order model puts within 1ε of a best point, the diverse-restart rounds to those
+#: within ε/2 and ε/4 (docs/methods.md, "The standard battery by version").
+GATES: dict[str, tuple[float | None, ...]] = {"standard-v3": (None, 1.0, 0.5, 0.25)}
+GATES["standard"] = GATES[STANDARD]
+
+
+def gates(names) -> dict[str, float]:
+    """Member name → closeness gate, for the gated batteries among ``names`` (:data:`GATES`)."""
+    out: dict[str, float] = {}
+    for item in names:
+        key = str(item).strip().lower() if not isinstance(item, Attack) else None
+        if key in GATES:
+            out.update({m: g for m, g in zip(BATTERIES[key], GATES[key], strict=True) if g is not None})
+    return out
 
 
 def expand(names) -> list:

@@ -121,3 +121,16 @@ def linearised_distance(model, x: torch.Tensor, y: torch.Tensor, dual: float = 1
 
 
 TargetPolicy = Untargeted | RandomTarget | RankedTargets
+
+
+def closeness(model, x: torch.Tensor, y: torch.Tensor, threat) -> torch.Tensor:
+    """``[N]``: how far the decision boundary is from ``x`` by the first-order model of each pair margin,
+    in units of the threat's radius: ``min_{c≠y} (z_y − z_c) / (‖∇ₓ(z_y − z_c)‖_q · ε)`` with ``q`` dual
+    to the threat's norm (:func:`linearised_distance`). Scale-free (rescaling the logits changes nothing),
+    per example, and for a linear model exactly the distance from ``x`` to the nearest other class's
+    region over ε (the box aside); below 0 for a misclassified ``x``; ``inf`` where no pair margin has a
+    gradient. One forward and one backward pass per class."""
+    dual = {2: 2, 1: math.inf}.get(getattr(threat, "p", math.inf), 1)
+    dist = linearised_distance(model, x, y, dual)
+    true = torch.nn.functional.one_hot(y, dist.shape[1]).bool()
+    return dist.masked_fill(true, math.inf).amin(1) / float(threat.eps)

@@ -116,7 +116,8 @@ def warn_small_eps(eps_list: Sequence[float]) -> None:
 class Evaluation:
     """Models × battery × threats on a data selection; every field validated on construction.
 
-    ``models``: checkpoint paths or ``zoo:NAME`` specs (loaded with ``arch`` on ``device``),
+    ``models``: checkpoint paths, ``zoo:NAME``, ``robustbench:DATASET/THREAT/NAME`` (found under
+    ``model_dir``) or ``timm:NAME`` (with ``weights``) specs (loaded with ``arch`` on ``device``),
     :class:`~robusteval.models.LoadedModel`\\ s, or ``(name, nn.Module)`` pairs (used on their own
     device). ``battery``: preset or battery names (``standard``, ``paper``, ``apgd-ce``, ...) or
     :class:`attacks.Attack` values, in battery order. ``eps``: radii in [0, 1] pixel units (empty: the
@@ -157,6 +158,8 @@ class Evaluation:
     batch_size: int = 128
     device: str = "auto"
     arch: str | None = None
+    model_dir: str | None = None  # where robustbench: models are found (default ./models)
+    weights: str | None = None  # the weights of timm: models
     out: Path | None = None
     progress: bool = True
 
@@ -215,7 +218,8 @@ class Evaluation:
         if draws == 1:
             return battery
         members = tuple(a.replace(draws=draws) for a in battery.members)
-        return Battery(members, battery.check.replace(draws=draws) if battery.check is not None else None)
+        return Battery(members, battery.check.replace(draws=draws) if battery.check is not None else None,
+                       battery.gates)
 
 
 @dataclass(frozen=True)
@@ -225,10 +229,22 @@ class Battery:
 
     members: tuple[attacks.Attack, ...]
     check: attacks.Attack | None = None
+    #: Per member, the closeness above which a survivor skips it (``None``: every survivor runs it);
+    #: every member before a gated one scores its survivors (:func:`attacks.closeness`).
+    gates: tuple[float | None, ...] = ()
 
     @property
     def attacks(self) -> tuple[attacks.Attack, ...]:
         return self.members + ((self.check,) if self.check is not None else ())
+
+    def gate(self, atk: attacks.Attack) -> float | None:
+        i = self.members.index(atk) if atk in self.members else None
+        return self.gates[i] if i is not None and i < len(self.gates) else None
+
+    def scores(self, atk: attacks.Attack) -> bool:
+        """Whether ``atk``'s survivors get a closeness score: a gated member comes after it."""
+        gated = [i for i, g in enumerate(self.gates) if g is not None]
+        return bool(gated) and atk in self.members and self.members.index(atk) < gated[-1]
 
     def role(self, atk: attacks.Attack) -> str:
         return "check" if atk is self.check else "member"
@@ -248,6 +264,7 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
 
     threat = attacks.threat_of(threat)
     members, seen = [], set()  # (a battery's L1 form has no black-box check: Square is L∞ and L2 only)
+    gates = attacks.gates(list(names))
     for item in attacks.expand(list(names)):
         atk = _member(item, threat, budget)
         if atk.name not in seen:
@@ -257,7 +274,8 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
     if checks and not any(not a.optimizer.uses_gradient for a in members) and threat.norm != "l1":
         queries = budget.queries or (alarms.FULL_QUERIES if full_check else alarms.CHECK_QUERIES)
         check = attacks.get("square", threat, queries=queries)
-    return Battery(tuple(members), check)
+    gated = tuple(gates.get(a.name) for a in members)
+    return Battery(tuple(members), check, gated if any(g is not None for g in gated) else ())
 
 
 def _member(item, threat, budget: Budget) -> attacks.Attack:

@@ -68,6 +68,8 @@ class Unit:
     norm: str = "linf"
     eot: int = 1  # EoT samples per evaluation in the attacks (randomised models; 1 otherwise)
     judge_draws: int = 1  # draws every point is judged over (randomised models; 1 otherwise)
+    #: Where the model came from: its spec (a path, zoo:, robustbench:, timm:) and the loader's kind
+    source: str = ""
 
     @property
     def key(self) -> tuple[str, float]:
@@ -254,7 +256,7 @@ def _from_dict(d: dict) -> Plan:
         units.append(Unit(_typed(u["model"], str, "model"), _typed(u["checkpoint_sha256"], str, "sha256"),
                           float(eps), tuple(planned),
                           tuple(_typed(c, str, "a check") for c in _typed(u["checks"], list, "checks")),
-                          _typed(u["norm"], str, "norm"), *draws))
+                          _typed(u["norm"], str, "norm"), *draws, _typed(u.get("source", ""), str, "source")))
     seed = _typed(d["seed"], int, "seed")
     if not 0 <= seed < (1 << 63) or any(not -(1 << 63) <= i < (1 << 63) for i in ids):
         raise ValueError("a seed or an example id outside the 64-bit range")

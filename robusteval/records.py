@@ -61,16 +61,17 @@ COLUMNS: tuple[str, ...] = (
     "example_sha", "attack", "attack_config", "norm", "eps", "seed", "mode", "status",
     "clean_pred", "adv_pred", "clean_correct", "success", "robust",
     "margin", "objective", "distance", "restart", "steps", "target", "targeted_success", "seconds",
-    "draws", "clean_share", "robust_share",
+    "draws", "clean_share", "robust_share", "closeness",
 )  # fmt: skip
 STRINGS = ("model", "checkpoint_sha256", "train_method", "dataset", "example_sha", "attack", "attack_config",
            "norm", "mode", "status")
 INTS = ("example_id", "label", "seed", "clean_pred", "adv_pred", "restart", "steps", "target", "draws")
 BOOLS = ("clean_correct", "success", "robust", "targeted_success")
-FLOATS = ("eps", "margin", "objective", "distance", "seconds", "clean_share", "robust_share")
+FLOATS = ("eps", "margin", "objective", "distance", "seconds", "clean_share", "robust_share", "closeness")
 NULLABLE_INTS = ("train_steps",)
-NULLABLE_FLOATS = ("margin", "objective", "distance", "robust_share")  # NaN for rows that were not attacked
-STATUSES = ("attacked", "clean-wrong", "skipped")
+#: NaN for rows that were not attacked (closeness: for rows that were not scored)
+NULLABLE_FLOATS = ("margin", "objective", "distance", "robust_share", "closeness")
+STATUSES = ("attacked", "clean-wrong", "skipped", "gated")
 #: ``+bf16``/``+fp16``: the attack's passes ran under autocast (points still verified in fp32).
 MODES = ("skip", "no-skip", "skip+bf16", "no-skip+bf16", "skip+fp16", "no-skip+fp16")
 FILENAME = rundir.filename(rundir.RECORDS)
@@ -312,16 +313,20 @@ def _slack(df: pd.DataFrame):
 def _record_rules(df: pd.DataFrame) -> list:
     """Each record must be internally consistent: a number can only be inflated by a row that says
     ``robust`` for an example that was misclassified, skipped, or re-classified as another class."""
-    attacked, wrong, skipped = (df["status"] == s for s in STATUSES)
+    attacked, wrong, skipped, gated = (df["status"] == s for s in STATUSES)
     single = df["draws"] == 1
     share = df["robust_share"]
     return [
+        (gated & ~(df["clean_correct"] & df["robust"] & ~df["success"] & (df["adv_pred"] == df["label"])),
+         "a gated row (a survivor that skipped this attack) is not a clean-correct, robust non-success"),
         (df["draws"] < 1, "draws is below 1"),
         ((df["clean_share"] < 0) | (df["clean_share"] > 1) | (share < 0) | (share > 1),
          "a share of draws outside [0, 1]"),
         (df["clean_correct"] != (df["clean_share"] == 1), "clean_correct disagrees with clean_share"),
-        (df["robust"] & ~(share == 1), "a robust row is not correct in every draw (robust_share < 1)"),
-        (single & ~skipped & (share != df["robust"].astype(float)), "robust_share disagrees with robust"),
+        (df["robust"] & ~gated & ~(share == 1),
+         "a robust row is not correct in every draw (robust_share < 1)"),
+        (single & ~skipped & ~gated & (share != df["robust"].astype(float)),
+         "robust_share disagrees with robust"),
         (df["clean_correct"] != (df["clean_pred"] == df["label"]), "clean_correct disagrees with clean_pred "
                                                                     "and label"),
         (wrong & (df["clean_correct"] | df["robust"] | df["success"]), "a clean-wrong row is clean-correct, "

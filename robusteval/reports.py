@@ -243,6 +243,10 @@ def mode_note(df: pd.DataFrame) -> str:
                   f"judged over {int(df['draws'].max())} draws — Nominal and Worst case count an example "
                   "only if every draw classifies it correctly, the (expected) columns give the mean share "
                   "of correct draws")
+    if "status" in df.columns and bool((df["status"] == "gated").any()):
+        check += ("; budget reallocated (robusteval standard v3, docs/methods.md): a gated survivor skipped "
+                  "a member because its closeness to the boundary was above that member's gate, and counts "
+                  "as robust to it")
     modes = set(base[~black_box].unique()) or set(base.unique())
     if modes == {"no-skip"}:
         return ("Each gradient attack ran on every clean-correct example (--no-skip)" + check +

@@ -24,6 +24,7 @@ change a record.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,8 @@ from robusteval import alarms, fit, plan, progress, randomness, records
 from robusteval.data import Dataset, default_eps_text, load_dataset
 from robusteval.errors import UserError
 from robusteval.evaluation import Battery, Evaluation
-from robusteval.models.checkpoints import LoadedModel, in_memory, load_model
+from robusteval.models.checkpoints import LoadedModel, in_memory
+from robusteval.models.loader import load_model
 from robusteval.rundir import RunDir
 from robusteval.runtime import device_of, eval_mode, resolve_device
 
@@ -103,7 +105,8 @@ class Outcome:
 # ------------------------------------------------------------------------------------------- select
 
 
-def load_models(specs, arch: str | None = None, device: str = "cpu") -> list[LoadedModel]:
+def load_models(specs, arch: str | None = None, device: str = "cpu", model_dir=None,
+                weights=None) -> list[LoadedModel]:
     """Models to evaluate: specs (paths, ``zoo:NAME``) are loaded, ``(name, module)`` pairs wrapped; two
     files with the same stem are told apart by the spec the user typed."""
     out = []
@@ -113,7 +116,7 @@ def load_models(specs, arch: str | None = None, device: str = "cpu") -> list[Loa
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], nn.Module):
             out.append(in_memory(*item))
         else:
-            loaded = load_model(item, arch=arch, device=device)
+            loaded = load_model(item, arch=arch, device=device, model_dir=model_dir, weights=weights)
             loaded.meta["spec"] = str(item)
             out.append(loaded)
     names = [m.name for m in out]
@@ -220,7 +223,7 @@ def _pre_checks(s: Subject, ds: Dataset, threats, seed: int) -> list:
         ops = zero_gradient_ops(s.model, x[:2])
         if ops:
             found = alarms.with_hint(found, "unusable-gradients",
-                                     f"; the graph has zero-gradient ops ({', '.join(ops)}): try --bpda")
+                                     f"; the graph has zero-gradient ops ({', '.join(ops)})")
     return found
 
 
@@ -233,6 +236,12 @@ def _mode(ev: Evaluation, check: bool) -> str:
     return base if ev.precision == "fp32" else f"{base}+{ev.precision}"
 
 
+def _source(loaded: LoadedModel) -> str:
+    """The model's origin for the plan: the spec as given (or the file) and the loader's kind."""
+    where = loaded.meta.get("hub") or loaded.meta.get("spec") or (str(loaded.path) if loaded.path else "")
+    return f"{where} ({loaded.source})" if where else loaded.source
+
+
 def _plan(ev: Evaluation, ds: Dataset, selected: Dataset, subjects, batteries, digests) -> plan.Plan:
     units = []
     for s in subjects:
@@ -243,7 +252,7 @@ def _plan(ev: Evaluation, ds: Dataset, selected: Dataset, subjects, batteries, d
                                                battery.role(a), a.optimizer.uses_gradient)
                             for a in battery.attacks)
             units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks, threat.norm,
-                                   eot=s.eot, judge_draws=s.judge_draws))
+                                   eot=s.eot, judge_draws=s.judge_draws, source=_source(s.loaded)))
     return plan.Plan(ds.name, ds.split, len(selected), ev.shard, ev.seed,
                      plan.data_key(ds.name, ds.split, selected.ids.tolist()), tuple(ds.ids.tolist()),
                      tuple(digests), tuple(units), ev.norm)
@@ -267,7 +276,7 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
     """
     notify = notify or (lambda line: None)
     device = resolve_device(ev.device)
-    models = load_models(ev.models, ev.arch, device)
+    models = load_models(ev.models, ev.arch, device, ev.model_dir, ev.weights)
     selected = select_data(ev, models)
     if selected.bundled:
         notify(f"note: using the {selected.source} of the Fashion-MNIST test split")
@@ -284,7 +293,8 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
         if where is not None:
             records.check_appendable(where.records)  # an unwritable output fails before any work
         subjects = [prepare(m, ds, ev, threats, device) for m in models]  # every fit check first
-        batteries = {s.name: _batteries(s, ds, ev, threats) for s in subjects}
+        built = [_batteries(s, ds, ev, threats) for s in subjects]  # (may rename a subject: "+bpda")
+        batteries = {s.name: b for s, b in zip(subjects, built, strict=True)}
         digests = ds.fingerprints()
         planned = _plan(ev, ds, selected, subjects, batteries, digests)
         existing = records.empty()
@@ -318,14 +328,49 @@ def evaluate(ev: Evaluation, notify=None) -> Outcome:
 
 def _batteries(s: Subject, ds: Dataset, ev: Evaluation, threats) -> list:
     """Pre-checks, the randomised protocol where the model is random, then one battery per threat: the
-    black-box check gets its full budget once a pre-check doubts the model's gradients."""
+    black-box check gets its full budget once a pre-check doubts the model's gradients.
+
+    No blind members (docs/protocol.md, "Unusable gradients"): where the input gradient is unusable at a
+    radius, a graph with zero-gradient operations is attacked through BPDA (the model's name gets
+    ``+bpda``), and otherwise the gradient members are dropped for Square at its full budget. The alarm
+    stays either way."""
     s.verdicts = _pre_checks(s, ds, threats, ev.seed) if ev.checks else []
     random = any(v.raised and v.check == "randomness" for v in s.verdicts)
     if ev.randomized or (ev.randomized is None and random):
         _randomise(s, ds, ev, threats)
-    s.verdicts = [replace(v, norm=ev.norm) for v in s.verdicts]
+    blind = {plan.eps_key(v.eps) for v in s.verdicts if v.raised and v.check == "unusable-gradients"}
+    if blind and s.attacked is s.model and _auto_bpda(s, ds, ev):
+        blind = set()
+    s.verdicts = [replace(v, norm=ev.norm, model=s.name) for v in s.verdicts]
     doubtful = any(v.raised for v in s.verdicts)
-    return [(t, ev.build(t, full_check=doubtful, draws=s.eot)) for t in threats]
+    out = []
+    for t in threats:
+        battery = ev.build(t, full_check=doubtful, draws=s.eot)
+        if plan.eps_key(t.eps) in blind and battery.check is not None:
+            battery = Battery((), ev.build(t, full_check=True, draws=s.eot).check)
+            s.verdicts = alarms.with_hint(s.verdicts, "unusable-gradients", "; the gradient attacks were "
+                                          "skipped: Square ran at its full budget")
+        out.append((t, battery))
+    return out
+
+
+def _auto_bpda(s: Subject, ds: Dataset, ev: Evaluation) -> bool:
+    """Attack through BPDA when the graph has zero-gradient operations and their straight-through copy
+    reproduces the model's outputs; ``False`` when it cannot."""
+    from robusteval.bpda import zero_gradient_ops
+
+    x = next(iter(ds.batches(ev.batch_size)))[0].to(s.device)
+    with eval_mode(s.model):
+        if not zero_gradient_ops(s.model, x[:2]):
+            return False
+        try:
+            s.attacked = _bpda(s.loaded, ds, ev.batch_size, s.device)
+        except UserError:
+            return False
+    s.name = f"{s.name}+bpda"
+    s.verdicts = alarms.with_hint(s.verdicts, "unusable-gradients", ", so the attacks ran through BPDA "
+                                  "(--bpda, automatically; every point verified on the model itself)")
+    return True
 
 
 def _battery(ev: Evaluation, s: Subject, ds: Dataset, batteries, existing: pd.DataFrame, digests,
@@ -334,9 +379,12 @@ def _battery(ev: Evaluation, s: Subject, ds: Dataset, batteries, existing: pd.Da
     rows: list[dict] = []
     for _, battery in batteries:
         alive = s.attackable.clone()  # survivors of the battery so far
+        scores: dict[int, float] = {}  # example id -> smallest closeness so far (docs/methods.md)
+        gated = not ev.no_skip  # (--no-skip attacks every example with every member: no gates)
         for atk in battery.attacks:
             check = battery.role(atk) == "check"
-            job = _Job(s, atk, ds, digests, ev, _mode(ev, check), where, bar)
+            job = _Job(s, atk, ds, digests, ev, _mode(ev, check), where, bar,
+                       battery.gate(atk) if gated else None, gated and battery.scores(atk), scores)
             robust = job.run(existing, alive if (check or not ev.no_skip) else None)
             rows += job.rows
             alive &= robust
@@ -412,9 +460,14 @@ class _Job:
     """One (model, attack, ε) over the dataset: resumed rows, passive records, attacked batches, progress."""
 
     def __init__(self, s: Subject, atk: attacks.Attack, ds: Dataset, digests: list[str], ev: Evaluation,
-                 mode: str, where: RunDir | None, bar):
+                 mode: str, where: RunDir | None, bar, gate: float | None = None, score: bool = False,
+                 scores: dict | None = None):
         self.s, self.atk, self.ds, self.digests, self.ev, self.mode, self.where, self.bar = \
             s, atk, ds, digests, ev, mode, where, bar
+        # Reallocation: a gated attack runs only on survivors whose smallest closeness so far is at most
+        # ``gate``; the attacks before a gate score their survivors (the ``closeness`` column, so a
+        # resumed run decides the same way)
+        self.gate, self.score, self.scores = gate, score, scores if scores is not None else {}
         self.labels, self.ids = ds.labels.long(), ds.ids.long()
         self.rows: list[dict] = []  # resumed and new records of this job
         self.robust: dict[int, bool] = {}  # example id -> robust
@@ -438,6 +491,11 @@ class _Job:
             records.append(self.where.records, rows)
         self.rows.extend(rows)
         self.robust.update((int(r["example_id"]), bool(r["robust"])) for r in rows)
+        if self.score:
+            for r in rows:
+                if r["robust"] and r["closeness"] == r["closeness"]:  # (NaN: not scored)
+                    key = int(r["example_id"])
+                    self.scores[key] = min(self.scores.get(key, math.inf), float(r["closeness"]))
         self.progress()
 
     def progress(self, description: str | None = None) -> None:
@@ -462,15 +520,25 @@ class _Job:
                 passive.append({**self.base(k), **_not_attacked("clean-wrong", int(self.s.clean_pred[k]))})
             elif alive is not None and not alive[k]:
                 passive.append({**self.base(k), **_not_attacked("skipped", -1)})
+            elif self.gate is not None and self.scores.get(int(self.ids[k]), 0.0) > self.gate:
+                passive.append({**self.base(k), **_gated(int(self.labels[k]))})
             else:
                 active.append(k)
         self.emit(passive)
         on_run = lambda j, total, left: self.progress(f"{self.desc} · run {j + 1}/{total}")
         for start in range(0, len(active), self.ev.batch_size):
             chunk = active[start : start + self.ev.batch_size]
-            self.emit(_attack_chunk(self.s, self.atk, self.ds, chunk, self.base, self.ev, on_run))
+            self.emit(_attack_chunk(self.s, self.atk, self.ds, chunk, self.base, self.ev, on_run, self.score))
         self.progress(self.desc)
         return torch.tensor([self.robust.get(int(i), False) for i in self.ids.tolist()], dtype=torch.bool)
+
+
+def _gated(label: int) -> dict:
+    """A survivor that a gated attack skipped: still robust (nothing broke it), not attacked here."""
+    nan = float("nan")
+    return {"status": "gated", "adv_pred": label, "success": False, "robust": True, "margin": nan,
+            "objective": nan, "distance": nan, "restart": -1, "steps": 0, "target": -1,
+            "targeted_success": False, "seconds": 0.0, "robust_share": nan, "closeness": nan}
 
 
 def _not_attacked(status: str, adv_pred: int) -> dict:
@@ -478,11 +546,12 @@ def _not_attacked(status: str, adv_pred: int) -> dict:
     wrong = status == "clean-wrong"
     return {"status": status, "adv_pred": adv_pred, "success": False, "robust": False, "margin": nan,
             "objective": nan, "distance": 0.0 if wrong else nan, "restart": -1, "steps": 0,
-            "target": -1, "targeted_success": False, "seconds": 0.0, "robust_share": 0.0 if wrong else nan}
+            "target": -1, "targeted_success": False, "seconds": 0.0, "robust_share": 0.0 if wrong else nan,
+            "closeness": nan}
 
 
 def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int], base, ev: Evaluation,
-                  on_run) -> list[dict]:
+                  on_run, score: bool = False) -> list[dict]:
     """Attack one batch of clean-correct examples, verify every point, and build its records."""
     index = torch.tensor(chunk, dtype=torch.long)
     x = ds.images[index].to(s.device)
@@ -508,11 +577,16 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
         pred = z.argmax(1)
         share = (pred == y).float()
         _warn_flips(s, atk, res, pred == y)
+    near = torch.full_like(share, math.nan)
+    if score:
+        with randomness.seeded(ev.seed, int(ids[0]), randomness.stream("closeness"), s.device) if s.random \
+                else contextlib.nullcontext():
+            near = attacks.closeness(s.attacked, res.x_adv, y, atk.threat)
     seconds = (time.perf_counter() - t0) / len(chunk)
     cols = {  # one device-to-host copy per column, not one per example
         "adv_pred": pred, "margin": attacks.margin_of(z, y), "objective": res.value,
         "distance": atk.threat.distance(res.x_adv, x), "restart": res.run, "steps": res.steps,
-        "target": res.target, "robust_share": share,
+        "target": res.target, "robust_share": share, "closeness": near,
     }  # fmt: skip
     cols = {k: v.detach().cpu().tolist() for k, v in cols.items()}
     rows = []
@@ -525,7 +599,7 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
             "margin": cols["margin"][i], "objective": cols["objective"][i], "distance": cols["distance"][i],
             "restart": cols["restart"][i], "steps": cols["steps"][i], "target": target,
             "targeted_success": target >= 0 and pred == target, "seconds": seconds,
-            "robust_share": cols["robust_share"][i],
+            "robust_share": cols["robust_share"][i], "closeness": cols["closeness"][i],
         })  # fmt: skip
     return rows
 

@@ -15,6 +15,18 @@ from robusteval.data import load_npz
 from robusteval.models import list_zoo, load_model
 
 
+class _Reverse(torch.autograd.Function):
+    """The identity forward, the negated gradient backward: gradients that point the wrong way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
 class Wrapped(nn.Module):
     """The tiny trained CNN behind a transformation that masks or breaks it."""
 
@@ -37,6 +49,8 @@ class Wrapped(nn.Module):
                 probe = x.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(self.net(probe).sum(), probe)
             return self.net(x) + 0 * g.flatten(1)[:, :10]
+        if k == "reversed":
+            return self.net(_Reverse.apply(x))
         if k == "constant":
             return torch.zeros(x.shape[0], 10)  # the same prediction whatever the input
         return self.net(x)
@@ -61,7 +75,7 @@ def _alarm_names(model, data, name="m", eps=(0.1,), **kw):
 
 @pytest.mark.parametrize("kind, alarm", [
     ("quantised", "unusable-gradients"),
-    ("quantised", "black-box-beats-white-box"),
+    ("reversed", "black-box-beats-white-box"),
     ("step", "unusable-gradients"),
     ("softmax", "probability-outputs"),
     ("noise", "randomness"),
@@ -110,7 +124,8 @@ def test_unreliable_is_marked_everywhere_with_its_own_exit_status(net, tiny_npz,
             "--out", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == alarms.UNRELIABLE_EXIT, result.output
-    assert "UNRELIABLE quantised: unusable-gradients" in result.stdout and "Alarms" in result.stdout
+    # (the graph rounds its input: the attacks went through BPDA by themselves, and the name says so)
+    assert "UNRELIABLE quantised+bpda: unusable-gradients" in result.stdout and "Alarms" in result.stdout
     assert "Remedy:" in result.stdout and "--allow-unreliable" in result.stderr
     summary = (out / "summary.md").read_text()
     assert "UNRELIABLE quantised" in summary and "unusable-gradients" in summary
@@ -123,3 +138,25 @@ def test_unreliable_is_marked_everywhere_with_its_own_exit_status(net, tiny_npz,
 
     df = records.read(out)
     assert "square" in set(df["attack"])
+
+
+class NanGradient(nn.Module):
+    """Finite logits, a NaN input gradient everywhere (d√u at u = 0 times 0) and no zero-gradient op:
+    no gradient attack can move it, and BPDA has nothing to replace."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) + 0 * torch.sqrt((x - x.detach()).abs()).flatten(1).sum(1, keepdim=True)
+
+
+def test_no_blind_members_square_alone_at_its_full_budget_when_gradients_are_unusable(net, data):
+    out = run_eval([("nan-grad", NanGradient(net).eval())], ["standard"], 0.1, data.subset(slice(0, 16)),
+                   batch_size=16, device="cpu", queries=None)
+    df = out.records
+    assert set(df["attack"]) == {"square"}  # the four gradient members were skipped, not run blind
+    assert df["attack_config"].str.contains("steps=4999").all()  # Square's full 5,000 queries
+    unusable = [a for a in out.alarms if a.check == "unusable-gradients"]
+    assert unusable and "Square ran at its full budget" in unusable[0].detail  # the alarm stays

@@ -51,8 +51,10 @@ def test_gradient_attacks_through_bpda_break_at_least_as_much_as_square(exported
     loaded = load_model(exported)
     plain = run_eval([loaded], ["untargeted", "multi-targeted"], 0.1, data, **kw)
     names = {a.check: a.detail for a in plain.alarms}
-    assert "unusable-gradients" in names and "round" in names["unusable-gradients"]
-    assert "--bpda" in names["unusable-gradients"]
+    assert "unusable-gradients" in names and "round" in names["unusable-gradients"]  # the alarm stays...
+    assert "through BPDA" in names["unusable-gradients"]  # ...and the attacks went through BPDA by themselves
+    assert set(plain.records["model"]) == {"quantised+bpda"} and all(a.model == "quantised+bpda"
+                                                                     for a in plain.alarms)
     outcome = run_eval([load_model(exported)], ["untargeted", "multi-targeted"], 0.1, data, no_skip=True,
                        bpda=True, **kw)
     with_bpda = outcome.records

@@ -20,7 +20,8 @@ def _brute_nearest(ball, x: torch.Tensor, p: torch.Tensor, samples: int = 400_00
     """The nearest of many feasible points (uniform in the ε-cube around ``x``, clipped to the box and
     kept when inside the ball) to ``p``: a brute-force upper bound on the projection's distance."""
     g = torch.Generator().manual_seed(0)
-    c = (x + (torch.rand(samples, x.numel(), generator=g, dtype=torch.float64) * 2 - 1) * ball.eps).clamp(0, 1)
+    u = torch.rand(samples, x.numel(), generator=g, dtype=torch.float64)
+    c = (x + (u * 2 - 1) * ball.eps).clamp(0, 1)
     c = c[ball.distance(c, x.expand_as(c)) <= ball.eps]
     return (c - p).norm(dim=1).min()
 
@@ -144,7 +145,8 @@ def test_the_curve_is_monotone_and_flags_a_fixed_radius_run_above_it():
 
 def test_attack_and_report_in_l2_end_to_end(tiny_ckpt, tiny_npz, tmp_path):
     out = tmp_path / "o"
-    args = ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n", "16", "--norm", "l2", "--eps",
+    args = ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n", "16", "--norm", "l2",
+            "--eps",
             "1.5", "-a", "apgd-ce", "-a", "fmn", "--steps", "20", "--queries", "50", "--device", "cpu", "-q",
             "--out", str(out)]
     result = CliRunner().invoke(cli, args)
@@ -156,6 +158,7 @@ def test_attack_and_report_in_l2_end_to_end(tiny_ckpt, tiny_npz, tmp_path):
     assert curve.exit_code == 0 and (tmp_path / "c.png").is_file()
     table = pd.read_csv(tmp_path / "c.csv")
     assert table["robust_accuracy"].is_monotonic_decreasing
-    other = CliRunner().invoke(cli, ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n", "16",
-                                     "--eps", "0.1", "-a", "apgd-ce", "--device", "cpu", "-q", "--out", str(out)])
+    other = CliRunner().invoke(cli, ["attack", "-m", str(tiny_ckpt), "--dataset", f"npz:{tiny_npz}", "-n",
+                                     "16", "--eps", "0.1", "-a", "apgd-ce", "--device", "cpu", "-q", "--out",
+                                     str(out)])
     assert other.exit_code != 0 and "holds an evaluation in L2" in other.stderr

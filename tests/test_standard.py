@@ -110,6 +110,40 @@ def test_linearised_ranking_is_the_exact_boundary_distance_on_a_linear_model():
     assert not torch.equal(by_logit, ranked)  # the two rankings differ on this model
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_closeness_is_the_exact_distance_to_another_class_over_eps_on_a_linear_model(norm):
+    d, classes, eps = 20, 7, 0.05
+    model = linear_model(d, classes, seed=5)
+    x = 0.3 + 0.4 * torch.rand(200, d, generator=torch.Generator().manual_seed(1))  # the box never binds
+    with torch.no_grad():
+        z = model(x)
+    y = z.argmax(1)
+    w = model[1].weight.detach()
+    dual = 1 if norm == "linf" else 2  # ‖·‖ dual to the threat's norm
+    pair = torch.stack([(z.gather(1, y[:, None])[:, 0] - z[:, c]) / (w[y] - w[c]).norm(p=dual, dim=1)
+                        for c in range(classes)], 1)
+    exact = pair.masked_fill(torch.nn.functional.one_hot(y, classes).bool(), float("inf")).amin(1)
+    threat = attacks.threat_of(eps) if norm == "linf" else attacks.L2Ball(eps * 4)
+    near = attacks.closeness(model, x, y, threat)
+    torch.testing.assert_close(near, exact / threat.eps, rtol=1e-5, atol=1e-6)
+    assert torch.equal(attacks.closeness(nn.Sequential(model, _Scale(7.0)), x, y, threat) > 1, near > 1)
+    # a score below 1 is exactly a breakable example: targeted APGD finds the flip inside the ball, and
+    # nothing does above 1 (the ball does not reach the other class's region); a band around 1 is left out
+    clear = (near - 1).abs() > 0.05
+    assert (near[clear] < 1).any() and (near[clear] > 1).any()
+    res = attacks.run(attacks.get("apgd-t", threat), model, x, y, seed=0)
+    assert torch.equal(res.success[clear], (near < 1)[clear])
+
+
+class _Scale(nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, z):
+        return self.k * z
+
+
 # ---------------------------------------------------------------------------------- diverse starts
 
 
@@ -186,14 +220,6 @@ def test_battery_result_does_not_depend_on_batch_size_or_order(tiny_ckpt):
     model = load_model(tiny_ckpt).model.eval()
     ds = load_dataset("fashion-mnist", n=60)
 
-    class RowWise(nn.Module):  # outputs that cannot depend on the batch (CPU kernels round per size)
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return torch.cat([self.inner(x[i:i + 1]) for i in range(len(x))]) if len(x) else self.inner(x)
-
     rw = RowWise(model).eval()
     names = [a.replace(steps=10) for a in build_battery(["standard"], 0.01).attacks]
 
@@ -207,6 +233,38 @@ def test_battery_result_does_not_depend_on_batch_size_or_order(tiny_ckpt):
     perm = torch.randperm(60, generator=torch.Generator().manual_seed(0))
     b = robust(ds.subset(perm), 7)
     assert a.equals(b)
+
+
+def test_reallocation_is_decided_per_example_and_gives_the_same_records_for_any_batch_or_order(tiny_ckpt):
+    model = load_model(tiny_ckpt).model.eval()
+    ds = load_dataset("fashion-mnist", n=60)
+    rw = RowWise(model).eval()
+    battery = build_battery(["standard"], 0.01)
+    gates = dict(zip((a.name for a in battery.members), battery.gates, strict=True))
+    assert [g is None for g in gates.values()] == [True, False, False, False]
+
+    def records(dataset, batch):
+        df = run_eval([("m", rw)], ["standard"], 0.01, dataset, steps=10, batch_size=batch,
+                      checks=False).records
+        return df.drop(columns=["seconds"]).set_index(["attack", "example_id"]).sort_index()
+
+    a = records(ds, 60)
+    status = a["status"].unstack(0)
+    assert (status == "gated").any().any() and (status[["apgd-t", "apgd-dlr-odi"]] == "attacked").any().any()
+    # every decision follows the recorded scores: a survivor runs a gated member iff the smallest closeness
+    # that the members before it recorded is at most the gate
+    order = [a.name for a in battery.members]
+    near = a["closeness"].unstack(0)[order]
+    for i, name in enumerate(order):
+        if gates[name] is None:
+            continue
+        best = near[order[:i]].min(axis=1)
+        came = status[name].isin(["attacked", "gated"])
+        assert ((status[name] == "gated") == (came & (best > gates[name]))).all(), name
+    b = records(ds.subset(torch.randperm(60, generator=torch.Generator().manual_seed(0))), 7)
+    assert a.drop(columns=["closeness"]).equals(b.drop(columns=["closeness"]))
+    near_a, near_b = (torch.tensor(t["closeness"].to_numpy()) for t in (a, b))  # (per-row passes)
+    torch.testing.assert_close(near_a, near_b, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
 def test_cli_default_runs_standard_and_prints_one_column_per_member(tmp_path):

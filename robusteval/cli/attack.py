@@ -95,6 +95,11 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default runs/attack-<time>); the same --out resumes a run.")
 @click.option("--arch", default=None, help="Architecture name, for checkpoints that are bare state_dicts.")
+@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
+              help="Where robustbench:DATASET/THREAT/NAME models are found (RobustBench's layout) "
+                   "[default: ./models].")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="The weights (safetensors or a state dict) of a timm:NAME model.")
 @click.option("--no-skip", is_flag=True,
               help="Run every attack on every clean-correct example (independent per-attack columns).")
 @click.option("--queries", type=int, default=None,
@@ -129,7 +134,8 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
               help="Exit 0 even when an alarm marks a model's number unreliable (it is still marked).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, data_dir, download, n,
-                   batch_size, device, seed, restarts, steps, step_size, out, arch, no_skip, queries,
+                   batch_size, device, seed, restarts, steps, step_size, out, arch, model_dir, weights,
+                   no_skip, queries,
                    bpda, precision, compile_model, shard_text, no_checks, randomized, draws, eot_max,
                    allow_unreliable, quiet):
     """Evaluate robust accuracy under an attack battery; print a table like the LLR paper's Tables F3/F4.
@@ -154,6 +160,8 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
       robusteval attack --model ckpt.pt --attack multi-targeted --eps 8/255
       robusteval attack -m zoo:fmnist-adv2 -m zoo:fmnist-llr2 -a untargeted -a multi-targeted --eps 0.1
       robusteval attack -m wrn.pt --arch wrn28_8 --dataset cifar10 --data-dir ~/data --eps 8 --eps-scale 255
+      robusteval attack -m robustbench:cifar10/Linf/Carmon2019Unlabeled --model-dir models --data-dir ~/data
+      robusteval attack -m timm:resnet18 --weights resnet18.safetensors --dataset imagenet --data-dir ~/in
       robusteval attack -m ckpt.pt --eps 0.1 --restarts 5 --steps 100 --no-skip --out runs/ckpt
     """
     # Long: the options map one to one onto the fields of an Evaluation, and the help text is long.
@@ -177,7 +185,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
                                                    size[1] if size else None, queries),
             seed=seed, precision=precision, compile=compile_model, bpda=bpda, no_skip=no_skip,
             checks=not no_checks, randomized=randomized, draws=draws, eot_max=eot_max, shard=shard,
-            batch_size=batch_size, device=device, arch=arch,
+            batch_size=batch_size, device=device, arch=arch, model_dir=model_dir, weights=weights,
             out=Path(out) if out else default_out("attack"), progress=not quiet)
         if ctx is not None:
             distributed.agree(ctx, {"models": list(models), "attacks": list(attack_names), "eps": ev.eps,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from robusteval.cli import cli
+from robusteval.errors import UserError
 
 
 def _split(values) -> list[str]:
@@ -15,8 +16,12 @@ def _split(values) -> list[str]:
 
 @cli.command("report")
 @click.argument("record_files", nargs=-1, required=True, metavar="RECORDS...")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "latex", "csv", "json"]),
-              default="table", show_default=True, help="Output format (table: a rich table).")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "latex", "csv", "json", "html"]),
+              default="table", show_default=True,
+              help="Output format (table: a rich table; json: the summary's fields for scripts; html: one "
+                   "self-contained page with tables, alarms, plan, models, cost and figures — needs -o).")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write the report to FILE (atomically) instead of the terminal.")
 @click.option("--rows", multiple=True, default=("model",), show_default=True,
               help="Record column(s) for the rows (repeat or comma-separate), e.g. model,train_steps.")
 @click.option("--columns", default="attack", show_default=True,
@@ -33,7 +38,7 @@ def _split(values) -> list[str]:
                    "example's radius is the smallest distance of any adversarial point in the records (a "
                    "minimum-norm run, -a fmn, gives it for every ε up to its own); ε values where a fixed-ε "
                    "run's number is above the curve are flagged.")
-def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_unreliable, curve_path):
+def report_command(record_files, fmt, output, rows, columns, title, merge_runs, allow_unreliable, curve_path):
     """Summarise records.csv files (or run directories) into a robust-accuracy table.
 
     Every number is a group-by of the per-example records: Nominal = clean accuracy, one column per
@@ -58,14 +63,51 @@ def report_command(record_files, fmt, rows, columns, title, merge_runs, allow_un
       robusteval report runs/adv2 runs/llr2 --format latex
       robusteval report runs/*/records.csv --rows model,train_steps --format markdown   # Table F4 style
       robusteval report runs/x/records.csv --rows model --columns eps --format csv
+      robusteval report runs/demo --format html -o report.html      # one page to open or share
     """
     from robusteval.cli.attack import finish, show_results
 
-    view = show_results(list(record_files), rows=_split(rows), columns=columns, title=title, fmt=fmt,
-                        merge_runs=merge_runs)
+    if fmt == "html" and output is None:
+        raise UserError("--format html writes a page: give its file with -o report.html")
+    if output is not None:
+        view = _write_report(list(record_files), Path(output), fmt, _split(rows), columns, title, merge_runs)
+    else:
+        view = show_results(list(record_files), rows=_split(rows), columns=columns, title=title, fmt=fmt,
+                            merge_runs=merge_runs)
     if curve_path is not None:
         write_curve(view.records, Path(curve_path))
     finish(view, allow_unreliable)
+
+
+def _write_report(paths, output: Path, fmt, rows, columns, title, merge_runs):
+    """The report written to ``output`` (an HTML page, or the text of the other formats); the records are
+    only read. A path among the inputs is refused as the output (a reader never writes what it reads)."""
+    from robusteval import page, reports, runs
+    from robusteval.paths import atomic_write, output_dir
+
+    target = output.expanduser().resolve()
+    if any(Path(p).expanduser().resolve() == target for p in paths):
+        raise UserError(f"{output} is one of the inputs; write the report to another file")
+    from robusteval import rundir
+
+    gamma_only = [p for p in paths if fmt == "html" and Path(p).is_dir()
+                  and not (Path(p) / rundir.filename(rundir.RECORDS)).is_file()
+                  and (Path(p) / rundir.filename(rundir.GAMMA)).is_file()]  # a `robusteval gamma` directory
+    attacked = [p for p in paths if p not in gamma_only]
+    if not attacked:
+        raise UserError("the report needs at least one attack run (records.csv) besides γ directories")
+    view = runs.read(attacked, merge_runs=merge_runs)
+    table, note = reports.run_table(view, rows=rows, columns=columns)
+    if fmt == "html":
+        text = page.render(attacked, view, table, note, title, gamma=gamma_only)
+    elif fmt == "table":
+        text = reports.render(table, "markdown", note=note, title=title)
+    else:
+        text = reports.render(table, fmt, note=note, title=title)
+    output_dir(output.parent if str(output.parent) else Path("."))
+    atomic_write(output, text)
+    click.echo(f"report: {output}")
+    return view
 
 
 def write_curve(df, path) -> None:

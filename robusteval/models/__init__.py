@@ -8,6 +8,8 @@
 * :mod:`.resnet` — torchvision ``resnet50`` and ``resnet152`` for ImageNet.
 * :mod:`.checkpoints` — :func:`save_checkpoint` (atomic) and :func:`load_model` (``weights_only``
   loading of our format, plain state_dicts, ``torch.export`` programs, TorchScript and ``zoo:NAME``).
+* :mod:`.hubs` — ``robustbench:DATASET/THREAT/NAME`` and ``timm:NAME`` models, offline.
+* :mod:`.loader` — :func:`load_model`: every spec, dispatched to the two above.
 
 Every model takes [0, 1] images; attacks never see normalised inputs.
 """
@@ -18,10 +20,10 @@ from robusteval.models.checkpoints import (
     LoadedModel,
     in_memory,
     list_zoo,
-    load_model,
     save_checkpoint,
     sha256_file,
 )
+from robusteval.models.loader import load_model
 from robusteval.models.normalize import NORMALIZATIONS, Normalize, find_normalize
 from robusteval.models.registry import ArchSpec, create_model, get_arch, list_models, register
 

@@ -461,7 +461,8 @@ def _build(arch: str, arch_kwargs: dict, state: dict, path: Path | None = None):
 def load_model(
     spec: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu", arch_kwargs=None
 ) -> LoadedModel:
-    """Load a model for evaluation from a path or ``zoo:NAME``; never executes code from the file.
+    """Load a model for evaluation from a path or ``zoo:NAME``; never executes code from the file
+    (:func:`robusteval.models.load_model` also takes the specs of other hubs).
 
     ``arch`` (and ``arch_kwargs``) are needed for a plain state_dict and ignored for files that carry
     their own structure; for a robusteval checkpoint a different ``arch`` is an error. Every problem is
