@@ -87,9 +87,14 @@ def summarize(df: pd.DataFrame, rows: Sequence[str] = ("model",), columns: str =
     per_unit = df.groupby(unit, **groups).agg(clean=("clean_correct", "max"), robust=("robust", "all"),
                                               **({"clean_share": ("clean_share", "max"),
                                                   "share": ("robust_share", "min")} if random else {}))
-    table = per_unit.groupby(rows, **groups).agg(**{COUNT: ("clean", "size"), NOMINAL: ("clean", "mean")})
+    # n and Nominal count each example of a row once, whatever the column key splits it into (a column
+    # per ε holds every example of the row once per ε)
+    per_row = per_unit if columns not in unit else df.groupby(
+        [c for c in unit if c != columns], **groups).agg(
+        clean=("clean_correct", "max"), **({"clean_share": ("clean_share", "max")} if random else {}))
+    table = per_row.groupby(rows, **groups).agg(**{COUNT: ("clean", "size"), NOMINAL: ("clean", "mean")})
     if random:  # the same two numbers judged by the mean share of correct draws
-        table[NOMINAL_EXPECTED] = per_unit.groupby(rows, **groups)["clean_share"].mean()
+        table[NOMINAL_EXPECTED] = per_row.groupby(rows, **groups)["clean_share"].mean()
     complete = pd.Series(True, index=table.index)
     for value in pd.unique(df[columns]):
         sub = df[df[columns] == value]

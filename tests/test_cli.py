@@ -130,6 +130,15 @@ def test_report_formats_and_group_bys(tiny_ckpt, tiny_npz, tmp_path):
     assert data["rows"][0]["model"] == "tiny" and 0 <= data["rows"][0]["Worst case"] <= 1
     by_eps = _invoke(["report", str(out), "--format", "csv", "--rows", "model", "--columns", "eps"])
     assert by_eps.exit_code == 0 and "0.05" in by_eps.stdout.splitlines()[0]
+    two = tmp_path / "two"  # a column per ε: each holds every example of the row once
+    assert _invoke(_attack_args(tiny_ckpt, tiny_npz, two, "--eps", "0.02")).exit_code == 0
+    by_eps = _invoke(["report", str(two), "--format", "csv", "--columns", "eps"])
+    table = pd.read_csv(io.StringIO(by_eps.stdout))
+    per_attack = pd.read_csv(io.StringIO(_invoke(["report", str(two), "--format", "csv"]).stdout))
+    assert table["n"].tolist() == [per_attack["n"].iloc[0]]
+    for eps in ("0.02", "0.05"):
+        worst = per_attack.loc[per_attack["eps"].map(lambda e: f"{e:g}") == eps, "Worst case"].iloc[0]
+        assert table[eps].iloc[0] == pytest.approx(worst)  # the same number as the per-attack table's
     bad = _invoke(["report", str(out), "--rows", "colour"])
     assert bad.exit_code != 0 and "unknown record column 'colour'" in bad.stderr
     missing = _invoke(["report", str(tmp_path / "none.csv")])

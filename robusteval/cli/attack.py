@@ -66,11 +66,12 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
 @cli.command("attack")
 @model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
-              help="Attack preset or battery, in battery order (repeat). Default: standard (apgd-ce, apgd-t, "
-                   "apgd-dlr-odi, apgd-ce-odi, each on the survivors of the ones before, then Square as the "
-                   "check). paper: the LLR paper's untargeted, random-targeted and multi-targeted at "
-                   "20 × 200. Presets: untargeted, random-targeted, multi-targeted, fgsm-20, pgd-K, "
-                   "apgd-ce, apgd-dlr, apgd-t, apgd-dlr-odi, apgd-ce-odi, square.")
+              help="Attack preset or battery, in battery order (repeat). Default: standard (version 3: "
+                   "apgd-ce, apgd-t, apgd-dlr-odi, apgd-ce-odi, each on the survivors of the ones before, "
+                   "the last three only where the boundary is near; then Square as the check; standard-v1, "
+                   "standard-v2 by name). paper: the LLR paper's untargeted, random-targeted and "
+                   "multi-targeted at 20 × 200. Presets: untargeted, random-targeted, multi-targeted, "
+                   "fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, apgd-dlr-odi, apgd-ce-odi, square.")
 @click.option("--eps", "eps_texts", multiple=True,
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
@@ -149,9 +150,10 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     status 4). Alarms go to OUT/alarms.csv and are never erased by a later run (exit status 3). Also
     writes OUT/summary.csv and OUT/summary.md.
 
-    With no --attack the `standard` battery runs: the strongest per pass robusteval has (its robust
-    accuracy equalled or was below reference AutoAttack's on every model and radius measured, in 0.34 to
-    0.55 of its time: benchmarks/RESULTS.md). --attack paper reproduces the LLR paper's tables.
+    With no --attack the `standard` battery runs (version 3): the strongest per pass robusteval has (its
+    robust accuracy equalled or was below reference AutoAttack's on every model and radius measured, at
+    0.14 to 0.38 of its time and 0.09 to 0.25 of its backward passes: benchmarks/RESULTS.md).
+    --attack paper reproduces the LLR paper's tables.
 
     \b
     Examples:
