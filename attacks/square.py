@@ -59,6 +59,35 @@ def window_side(p: float, height: int, width: int) -> int:
     return max(1, min(side, height - 1)) if height > 1 else 1
 
 
+def _uniforms(generators, x, k: int) -> torch.Tensor:
+    """``[N, _BLOCK, k]`` uniforms for the coming queries, each example's from its own generator."""
+    rows = [torch.rand((_BLOCK, k), generator=g) for g in generators]
+    return (torch.stack(rows) if rows else torch.zeros((0, _BLOCK, k))).to(x.device)
+
+
+def _advance(x, value, state, k: int):
+    """Keep ``x`` where ``value`` improved on the incumbent; the next query's uniforms (a new block of ``k``
+    per example when the current one is used up). Returns ``(best, best_value, draws, used, u)``."""
+    better = value > state.value
+    best = torch.where(better.view(-1, *([1] * (x.ndim - 1))), x, state.best)
+    best_value = torch.where(better, value, state.value)
+    draws, used = state.draws, state.used
+    if used == _BLOCK:
+        draws, used = _uniforms(state.generators, x, k), 0
+    return best, best_value, draws, used, draws[:, used]
+
+
+def _window(u_top, u_left, side: int, h: int, w: int, device):
+    """``[N, 1, H, W]`` masks of ``side × side`` windows placed by two uniforms, and their corners."""
+    top = (u_top * (h - side + 1)).floor().clamp(max=h - side).long()
+    left = (u_left * (w - side + 1)).floor().clamp(max=w - side).long()
+    rows = torch.arange(h, device=device)[None, :]
+    cols = torch.arange(w, device=device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None], top, left
+
+
 @dataclass(frozen=True)
 class RandomSquares:
     """The Square search step (see the module docstring). ``uses_gradient = False``."""
@@ -72,32 +101,13 @@ class RandomSquares:
         if x.ndim != 4:
             raise ValueError(f"Square needs images [N, C, H, W], got shape {tuple(x.shape)}")
         value = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        return SquareState(x.clone(), value, self._draw(generators, x), 0, list(generators))
-
-    @staticmethod
-    def _draw(generators, x) -> torch.Tensor:
-        k = 2 + x.shape[1]
-        rows = [torch.rand((_BLOCK, k), generator=g) for g in generators]
-        return (torch.stack(rows) if rows else torch.zeros((0, _BLOCK, k))).to(x.device)
+        return SquareState(x.clone(), value, _uniforms(generators, x, 2 + x.shape[1]), 0, list(generators))
 
     def step(self, x, grad, value, state: SquareState, lr: float):
         """Keep ``x`` where ``value`` improved on the incumbent; propose the next window (area ``lr``)."""
-        better = value > state.value
-        best = torch.where(better.view(-1, *([1] * (x.ndim - 1))), x, state.best)
-        best_value = torch.where(better, value, state.value)
-        draws, used = state.draws, state.used
-        if used == _BLOCK:
-            draws, used = self._draw(state.generators, x), 0
-        u = draws[:, used]
+        best, best_value, draws, used, u = _advance(x, value, state, 2 + x.shape[1])
         n, c, h, w = x.shape
-        side = window_side(lr, h, w)
-        top = (u[:, 0] * (h - side + 1)).floor().clamp(max=h - side).long()
-        left = (u[:, 1] * (w - side + 1)).floor().clamp(max=w - side).long()
-        rows = torch.arange(h, device=x.device)[None, :]
-        cols = torch.arange(w, device=x.device)[None, :]
-        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
-        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
-        window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [N, 1, H, W]
+        window, _, _ = _window(u[:, 0], u[:, 1], window_side(lr, h, w), h, w, x.device)
         corner = torch.where(u[:, 2:] < 0.5, -math.inf, math.inf).to(x.dtype)[:, :, None, None]  # N,C,1,1
         proposal = torch.where(window, corner, best)
         return proposal, SquareState(best, best_value, draws, used + 1, state.generators)
@@ -141,35 +151,16 @@ class RandomSquaresL2:
             raise ValueError(f"Square L2 needs images [N, C, H, W], the threat and the clean inputs; got "
                              f"shape {tuple(x.shape)}")
         value = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        return SquareL2State(x.clone(), value, self._draw(generators, x), 0, list(generators), center, threat)
-
-    @staticmethod
-    def _draw(generators, x) -> torch.Tensor:
-        k = 4 + x.shape[1]
-        rows = [torch.rand((_BLOCK, k), generator=g) for g in generators]
-        return (torch.stack(rows) if rows else torch.zeros((0, _BLOCK, k))).to(x.device)
+        return SquareL2State(x.clone(), value, _uniforms(generators, x, 4 + x.shape[1]), 0, list(generators),
+                             center, threat)
 
     def step(self, x, grad, value, state: SquareL2State, lr: float):
-        better = value > state.value
-        best = torch.where(better.view(-1, 1, 1, 1), x, state.best)
-        best_value = torch.where(better, value, state.value)
-        draws, used = state.draws, state.used
-        if used == _BLOCK:
-            draws, used = self._draw(state.generators, x), 0
-        u = draws[:, used]
+        best, best_value, draws, used, u = _advance(x, value, state, 4 + x.shape[1])
         n, c, h, w = x.shape
         side = window_side(lr, h, w)
         delta = best - state.center
-        windows = []
-        for a, b in ((0, 1), (2, 3)):
-            top = (u[:, a] * (h - side + 1)).floor().clamp(max=h - side).long()
-            left = (u[:, b] * (w - side + 1)).floor().clamp(max=w - side).long()
-            rows = torch.arange(h, device=x.device)[None, :]
-            cols = torch.arange(w, device=x.device)[None, :]
-            in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
-            in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
-            windows.append(((in_rows[:, :, None] & in_cols[:, None, :])[:, None], top, left))
-        (w1, top, left), (w2, _, _) = windows
+        w1, top, left = _window(u[:, 0], u[:, 1], side, h, w, x.device)
+        w2, _, _ = _window(u[:, 2], u[:, 3], side, h, w, x.device)
         both = w1 | w2
         kept = torch.where(both, torch.zeros_like(delta), delta)
         freed = (delta * both).flatten(1).pow(2).sum(1)

@@ -429,20 +429,32 @@ def _fit_state_dict(model: nn.Module, state: dict, arch: str) -> tuple[dict, str
             k.startswith("net.") for k in state
         ):
             state = {k if k.startswith("normalize.") else f"net.{k}": v for k, v in state.items()}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {'; '.join(items[:3])})")
-        raise UserError(f"state_dict does not fit architecture {arch!r}: " + ", ".join(parts))
+    wrong = mismatch(own, state, optional=lambda k: k.endswith("num_batches_tracked"))
+    if wrong:
+        raise UserError(f"state_dict does not fit architecture {arch!r}: {wrong}")
     return state, norm_source
+
+
+def mismatch(own: dict, state: dict, optional=lambda key: False) -> str | None:
+    """How ``state`` fails to fit a model whose state_dict is ``own`` (missing keys, unexpected keys,
+    shape mismatches, a few of each named), or ``None`` when it fits; ``optional`` keys may be missing."""
+    missing = [k for k in own if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = [f"{len(items)} {label} (e.g. {'; '.join(items[:3])})"
+             for label, items in (("missing", missing), ("unexpected", unexpected),
+                                  ("shape mismatches", shapes)) if items]
+    return ", ".join(parts) or None
+
+
+def unwrap_state(obj) -> dict | None:
+    """The state_dict in a loaded file: bare, or under ``state_dict`` / ``model`` / ``model_state_dict``
+    (other tools' wrappers, RobustBench's included); ``None`` when there is none."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+            return obj[key]
+    return obj if _is_state_dict(obj) else None
 
 
 def _build(arch: str, arch_kwargs: dict, state: dict, path: Path | None = None):
@@ -569,12 +581,8 @@ def _from_checkpoint(path: Path, obj: dict, arch: str | None, meta: dict):
 
 
 def _from_state_dict(path: Path, obj, arch: str | None, arch_kwargs, meta: dict):
-    # Common wrappers from other tools: {"state_dict": {...}} or {"model": {...}}.
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
-            obj = obj[key]
-            break
-    if not _is_state_dict(obj):
+    obj = unwrap_state(obj)
+    if obj is None:
         raise UserError(f"{path} {_NOT_A_MODEL}")
     if arch is None:
         raise UserError(f"{path} is a plain state_dict; pass `arch`=NAME to say which architecture it "

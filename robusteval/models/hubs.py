@@ -25,7 +25,6 @@ import sys
 import types
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from robusteval.errors import UserError
@@ -137,28 +136,21 @@ def _robustbench(name: str, model_dir: Path, device):
 
 
 def _unwrap_state(obj, path: Path) -> dict:
-    """The state dict inside a loaded file: bare, or under ``state_dict`` / ``model`` (RobustBench's)."""
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v)
-                                                  for k, v in obj.items())):
+    """The state dict inside a loaded file (:func:`~robusteval.models.checkpoints.unwrap_state`)."""
+    from robusteval.models.checkpoints import unwrap_state
+
+    state = unwrap_state(obj)
+    if state is None or not all(isinstance(k, str) for k in state):
         raise UserError(f"{path} holds no state dict (a dict of tensors, bare or under 'state_dict')")
-    return obj
+    return state
 
 
 def _strict_load(model: nn.Module, state: dict, what: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(items)} {label} (e.g. {'; '.join(items[:3])})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected),
-                                      ("shape mismatches", shapes)) if items]
-        raise UserError(f"{what}: the weights do not fit the architecture: " + ", ".join(parts))
+    from robusteval.models.checkpoints import mismatch
+
+    wrong = mismatch(model.state_dict(), state)
+    if wrong:
+        raise UserError(f"{what}: the weights do not fit the architecture: {wrong}")
     model.load_state_dict(state, strict=True)
 
 
