@@ -578,10 +578,11 @@ def _attack_chunk(s: Subject, atk: attacks.Attack, ds: Dataset, chunk: list[int]
         share = (pred == y).float()
         _warn_flips(s, atk, res, pred == y)
     near = torch.full_like(share, math.nan)
-    if score:
+    alive = (share == 1).nonzero()[:, 0]  # only survivors are scored: the broken ones leave the battery
+    if score and alive.numel():
         with randomness.seeded(ev.seed, int(ids[0]), randomness.stream("closeness"), s.device) if s.random \
                 else contextlib.nullcontext():
-            near = attacks.closeness(s.attacked, res.x_adv, y, atk.threat)
+            near[alive] = attacks.closeness(s.attacked, res.x_adv[alive], y[alive], atk.threat).to(near.dtype)
     seconds = (time.perf_counter() - t0) / len(chunk)
     cols = {  # one device-to-host copy per column, not one per example
         "adv_pred": pred, "margin": attacks.margin_of(z, y), "objective": res.value,
