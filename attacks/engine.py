@@ -28,6 +28,7 @@ each iterate is the attack's tracking policy (:class:`Evasion`, :class:`Maximize
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -36,7 +37,7 @@ from .objectives import margin_of
 from .optimizers import select
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .seeding import generators
-from .starts import DiverseStart, NoStart, StartPolicy, StripeStart, UniformStart
+from .starts import DiverseStart, GaussianStart, NoStart, StartPolicy, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 
@@ -233,6 +234,12 @@ class Attack:
     start: StartPolicy = UniformStart()
     #: EoT: draws of a randomised model's output averaged at every evaluation (1: a deterministic model).
     draws: int = field(default=1, metadata={"omit_default": True})
+    #: Radius annealing: ``((multiple, share), ...)`` — each run first spends ``floor(share · steps)``
+    #: steps in the ball of radius ``multiple · ε`` (untracked: those iterates are outside the threat
+    #: set), each stage from the previous one's end point with a fresh optimizer state, then the rest of
+    #: ``steps`` in the ε-ball from the last stage's point projected onto it (``()``: none). APGD's L1 form
+    #: in AutoAttack anneals 3ε → 2ε → ε over 30/30/40% (Croce & Hein 2021); docs/methods.md.
+    anneal: tuple = field(default=(), metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
@@ -241,13 +248,32 @@ class Attack:
             raise ValueError(f"draws must be an integer ≥ 1, got {self.draws!r}")
         if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
-        if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart)):
+        if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart)):
             raise ValueError(f"start must be a start policy, got {self.start!r}")
         if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate, MinDistance)):
             raise ValueError("tracking must be Evasion(), Maximize(), FinalIterate() or MinDistance(), "
                              f"got {self.tracking!r}")
         if self.objective.needs_target and isinstance(self.targets, Untargeted):
             raise ValueError(f"objective {self.objective!r} needs targets ('random' or 'ranked')")
+        if not isinstance(self.anneal, tuple) or not all(
+                isinstance(st, tuple) and len(st) == 2 and all(isinstance(v, (int, float)) and
+                                                               not isinstance(v, bool) for v in st)
+                for st in self.anneal):
+            raise ValueError(f"anneal must be a tuple of (multiple, share) pairs, got {self.anneal!r}")
+        if self.anneal:
+            if not self.optimizer.uses_gradient:
+                raise ValueError("radius annealing is for gradient attacks")
+            if any(not (m >= 1 and math.isfinite(m)) or not (0 < f < 1) for m, f in self.anneal) or \
+                    sum(f for _, f in self.anneal) >= 1:
+                raise ValueError("anneal stages need multiples ≥ 1 and shares in (0, 1) that sum to less "
+                                 f"than 1, got {self.anneal!r}")
+
+    def stages(self) -> list[tuple[float, int]]:
+        """The annealing stages that take steps, as ``(multiple, steps)``, then ``(1.0, rest)``: the
+        tracked stage in the ε-ball (all ``steps`` when there is no annealing)."""
+        warm = [(float(m), int(f * self.steps)) for m, f in self.anneal]
+        warm = [(m, k) for m, k in warm if k > 0]
+        return [*warm, (1.0, self.steps - sum(k for _, k in warm))]
 
     @property
     def eps(self) -> float:
@@ -462,7 +488,7 @@ def run(
             j += m
             continue
         rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, [j], act, act,
-                      best.gather(act), counter)
+                      best.gather(act), counter, low)
         rows = _ascend(attack, model, rows, every, best, counter, low)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
@@ -482,15 +508,17 @@ def _tile_count(tile, device, n: int, active: int, left: int) -> int:
 
 
 def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, index, local: _Best,
-           counter: dict) -> _Rows:
+           counter: dict, low=None) -> _Rows:
     """The rows of runs ``js`` on the examples ``act``, one block per run (one block unless tiled): each
     run's starts from its own generator stream (which the optimizer may keep drawing from), its target
     slot, a fresh optimizer state. ``index`` names the rows in the copy of the best points they write
     back to, ``local`` is their own copy."""
+    *warm, (_, final) = attack.stages()
+    first = _scaled(attack.threat, warm[0][0]) if warm else attack.threat  # the start is in the first ball
     starts, gens, tgts = [], [], []
     for j in js:
         g = generators(seed, ids[act.cpu()].tolist(), j)
-        starts.append(attack.start(x[act], attack.threat, g, model=model))
+        starts.append(attack.start(x[act], first, g, model=model))
         gens += g
         slot = trials[j][1]
         tgts.append(None if slot is None else targets[act, slot])
@@ -498,10 +526,51 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     rep = act.repeat(len(js))
     xs, start = x[rep], torch.cat(starts)
     box = attack.threat.box(xs)
-    state = attack.optimizer.init(start, gens, steps=attack.steps, box=box, threat=attack.threat, center=xs)
+    aux = {k: v[rep] for k, v in prepared.items()}
+    target = None if tgts[0] is None else torch.cat(tgts)
+    if warm:
+        start = _anneal(attack, model, warm, start, xs, y[rep], aux, target, gens, counter, low)
+        local.steps += sum(k for _, k in warm)
+    state = attack.optimizer.init(start, gens, steps=final, box=box, threat=attack.threat, center=xs,
+                                  resumed=bool(warm))
     run = js[0] if len(js) == 1 else torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
-    return _Rows(index, xs, y[rep], start, box, {k: v[rep] for k, v in prepared.items()},
-                 None if tgts[0] is None else torch.cat(tgts), state, local, run)
+    return _Rows(index, xs, y[rep], start, box, aux, target, state, local, run)
+
+
+def _scaled(threat, multiple: float):
+    return replace(threat, eps=threat.eps * multiple)
+
+
+def _anneal(attack: Attack, model, warm, x, xs, ys, aux, target, gens, counter: dict, low) -> torch.Tensor:
+    """The annealing stages of one block of rows (:attr:`Attack.anneal`): in each larger ball, a fresh
+    optimizer state and that stage's steps from the previous stage's highest-objective point (the first
+    from the start). Nothing is tracked — those points are outside the threat set; the result is the last
+    stage's highest-objective point projected onto the ε-ball ∩ box, where the tracked stage begins."""
+    obj, opt = attack.objective, attack.optimizer
+    data = aux if target is None else {**aux, "target": target}
+    precision = torch.autocast(x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
+    for i, (multiple, steps) in enumerate(warm):
+        threat = _scaled(attack.threat, multiple)
+        box = threat.box(xs)
+        state = opt.init(x, gens, steps=steps, box=box, threat=threat, center=xs, resumed=i > 0)
+        best_x, best_v = x, torch.full((x.shape[0],), -math.inf, device=x.device)
+        for step in range(steps + 1):
+            grad_on = step < steps
+            with torch.enable_grad() if grad_on else torch.no_grad(), precision:
+                leaf = x.detach().requires_grad_(grad_on)
+                _, val = eot_value(obj, model, leaf, xs, ys, data, attack.draws)
+                grad = _input_gradient(val, leaf) if grad_on else None
+            counter["rows"] += x.shape[0] * attack.draws
+            val = val.detach().float()
+            better = val > best_v  # NaN never is
+            best_x = torch.where(better.view(-1, *([1] * (x.ndim - 1))), leaf.detach(), best_x)
+            best_v = torch.where(better, val, best_v)
+            if grad_on:
+                lr = attack.schedule(step, steps, threat.eps)
+                proposal, state = opt.step(leaf.detach(), grad, val, state, lr)
+                x = threat.project(proposal, xs, box)
+        x = best_x
+    return attack.threat.project(x, xs, attack.threat.box(xs)).detach()
 
 
 def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, best: _Best,
@@ -515,7 +584,7 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     local = {"rows": 0, "nonfinite": torch.zeros(a * m, dtype=torch.bool, device=x.device)}
     virtual = torch.arange(a * m, device=x.device)
     rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, js, act, virtual,
-                  tile.gather(virtual), counter)
+                  tile.gather(virtual), counter, low)
     rows = _ascend(attack, model, rows, every, tile, local, low)
     tile.scatter(rows.act, rows.best)
     counter["rows"] += local["rows"]
@@ -545,8 +614,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     """
     obj, opt, threat = attack.objective, attack.optimizer, attack.threat
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
-    for step in range(attack.steps + 1):
-        last = step == attack.steps
+    steps = attack.stages()[-1][1]  # the tracked stage's (all of them without annealing)
+    for step in range(steps + 1):
+        last = step == steps
         grad_on = opt.uses_gradient and not last
         # rows whose result can still change (a minimum-norm search goes on after a success)
         live = ~rows.best.success if getattr(attack.tracking, "compacts", True) else \
@@ -570,7 +640,7 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         if last:
             break
         rows.best.steps += live.long()
-        lr = attack.schedule(step, attack.steps, threat.eps)
+        lr = attack.schedule(step, steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
         rows.x = threat.project(proposal, rows.xs, rows.box)
         if every and getattr(attack.tracking, "compacts", attack.tracking.evades) and (step + 1) % every == 0:

@@ -160,9 +160,12 @@ class APGD(GradientStep):
         checks = apgd_checkpoints(steps) if norm == "l2" else \
             tuple(range(max(int(0.04 * steps), 1), steps, max(int(0.04 * steps), 1)))
         d = float(x[0].numel()) if n else 1.0
+        topk, sparsity = torch.full_like(empty, 0.2), torch.full_like(empty, d)
+        if norm == "l1" and run.get("resumed"):  # from an earlier stage's point: its sparsity
+            sparsity = ((x - center) != 0).flatten(1).sum(1).to(x.dtype)
+            topk = sparsity / d / 1.5
         return APGDState(empty, x, x, torch.zeros_like(x), empty, empty, empty.long(), empty,
-                         empty.bool(), lo, hi, 0, checks, center, threat, torch.full_like(empty, 0.2),
-                         torch.full_like(empty, d))
+                         empty.bool(), lo, hi, 0, checks, center, threat, topk, sparsity)
 
     def step(self, x, grad, value, state: APGDState, lr):
         if state.threat is not None and state.threat.norm == "l1":

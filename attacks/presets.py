@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import replace
 from typing import Callable
 
 from . import objectives as O
@@ -37,7 +38,7 @@ from .engine import Attack, Evasion, FinalIterate, Maximize, MinDistance
 from .optimizers import APGD, Adam, MinNorm, Sign, adam, apgd, sign
 from .schedules import Cosine, Piecewise, constant, paper_decay
 from .square import RandomSquares, RandomSquaresL2, WindowSchedule
-from .starts import DiverseStart, NoStart, StripeStart, UniformStart
+from .starts import DiverseStart, GaussianStart, NoStart, StripeStart, UniformStart
 from .targets import RandomTarget, RankedTargets, Untargeted
 from .threats import BALLS, L1Ball, L2Ball, LinfBall
 
@@ -227,17 +228,38 @@ BATTERIES: dict[str, tuple[str, ...]] = {
     "standard-v1": ("apgd-ce", "apgd-t"),
     "standard-v2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
     "standard-v3": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
+    "standard-v4": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"),
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
 }
-#: The version ``standard`` stands for: a number is quoted as "robusteval standard v3".
-STANDARD = "standard-v3"
+#: The version ``standard`` stands for: a number is quoted as "robusteval standard v4".
+STANDARD = "standard-v4"
 BATTERIES["standard"] = BATTERIES[STANDARD]
+#: Radius annealing of the L1 members of ``standard-v4``: 30% of the steps in the 3ε ball, 30% in 2ε,
+#: the rest in the ε-ball (:attr:`Attack.anneal`).
+L1_ANNEAL = ((3.0, 0.3), (2.0, 0.3))
+
+
+def _l1_annealed(atk: Attack) -> Attack:
+    """``standard-v4``'s form of a member: in L1, every APGD member anneals its radius (3ε → 2ε → ε) and
+    the runs that start at random start from a Gaussian projected onto the (3ε) ball ∩ box — a sparse
+    point on its boundary; in L∞ and L2 the member is unchanged (version 3's)."""
+    if atk.threat.norm != "l1" or not isinstance(atk.optimizer, APGD):
+        return atk
+    changes = {"anneal": L1_ANNEAL, "start": GaussianStart()}
+    if isinstance(atk.targets, RankedTargets) and atk.targets.by == "linearised":
+        changes["targets"] = replace(atk.targets, by="linearised-box")
+    return atk.replace(**changes)
+
+
+#: Per battery, the form its members take (applied after any budget override).
+FORMS: dict[str, Callable[[Attack], Attack]] = {"standard-v4": _l1_annealed}
 #: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
 #: survivor skips that member. Every member before a gated one scores its survivors at the best point
 #: it found, and a survivor's score is the smallest so far: the targeted round goes to survivors whose
 #: boundary the first-order model puts within 1ε of a best point, the diverse-restart rounds to those
 #: within ε/2 and ε/4 (docs/methods.md, "The standard battery by version").
-GATES: dict[str, tuple[float | None, ...]] = {"standard-v3": (None, 1.0, 0.5, 0.25)}
+GATES: dict[str, tuple[float | None, ...]] = {"standard-v3": (None, 1.0, 0.5, 0.25),
+                                              "standard-v4": (None, 1.0, 0.5, 0.25)}
 GATES["standard"] = GATES[STANDARD]
 
 
@@ -253,11 +275,25 @@ def gates(names) -> dict[str, float]:
 
 def expand(names) -> list:
     """Battery names replaced by their members (other names and :class:`Attack` objects kept), in order."""
+    return [item for item, _ in members(names)]
+
+
+def members(names) -> list[tuple[object, Callable[[Attack], Attack]]]:
+    """:func:`expand` with, for each item, the form it takes in its battery (:data:`FORMS`; the identity
+    for a member of a battery without one and for a name or attack given by itself)."""
     out = []
     for item in names:
         key = str(item).strip().lower() if not isinstance(item, Attack) else None
-        out.extend(BATTERIES[key] if key in BATTERIES else [item])
+        if key in BATTERIES:
+            form = FORMS.get(key) or FORMS.get(STANDARD if key == "standard" else "", _same)
+            out.extend((m, form) for m in BATTERIES[key])
+        else:
+            out.append((item, _same))
     return out
+
+
+def _same(atk: Attack) -> Attack:
+    return atk
 
 
 def names() -> list[str]:
@@ -308,6 +344,7 @@ _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.Tar
                                          RandomSquaresL2,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
                                          FinalIterate, UniformStart, NoStart, StripeStart, DiverseStart,
+                                         GaussianStart,
                                          RandomSquares,
                                          WindowSchedule)}
 _CONFIG_FUNCTIONS = {f"{f.__module__}.{f.__qualname__}": f for f in (O.per_example_cross_entropy,)}

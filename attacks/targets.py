@@ -56,7 +56,9 @@ class RankedTargets:
     ``by="logit"``: highest clean logit first. ``by="linearised"``: smallest linearised distance to the
     class boundary first, ``(z_y − z_t) / ‖∇ₓ(z_y − z_t)‖₁`` — the L∞ distance at which the first-order
     model of the pair margin reaches 0 (MALT, Melamed et al. 2024); it needs one forward and C backward
-    passes per example, once. Ties (e.g. zero gradients) keep the logit order.
+    passes per example, once. ``by="linearised-box"``: the same first-order model, its distance taken
+    inside the threat's box (:func:`boxed_l1_distance`; L1 only, where one coordinate cannot carry the
+    radius and the box decides which coordinates can). Ties (e.g. zero gradients) keep the logit order.
     """
 
     k: int | None = None
@@ -66,12 +68,12 @@ class RankedTargets:
     def __post_init__(self):
         if self.k is not None and self.k < 1:
             raise ValueError("the number of targets must be ≥ 1")
-        if self.by not in ("logit", "linearised"):
-            raise ValueError("targets are ranked by 'logit' or 'linearised'")
+        if self.by not in ("logit", "linearised", "linearised-box"):
+            raise ValueError("targets are ranked by 'logit', 'linearised' or 'linearised-box'")
 
     @property
     def needs_model(self) -> bool:
-        return self.by == "linearised"
+        return self.by != "logit"
 
     def slots(self, num_classes: int) -> int:
         return min(self.k or num_classes - 1, num_classes - 1)
@@ -85,19 +87,47 @@ class RankedTargets:
     def assign(self, z0, y, ids, seed: int, num_classes: int, model=None, x=None, threat=None):
         true = torch.nn.functional.one_hot(y, num_classes).bool()
         order = torch.sort(z0.masked_fill(true, float("-inf")), dim=1, descending=True, stable=True).indices
-        if self.by == "linearised":
+        if self.by != "logit":
             if model is None or x is None:
                 raise ValueError("ranking targets by linearised distance needs the model and the inputs")
             dual = {2: 2, 1: math.inf}.get(getattr(threat, "p", math.inf), 1)  # ‖·‖ dual to the threat's
-            dist = linearised_distance(model, x, y, dual).masked_fill(true, float("inf"))
+            if self.by == "linearised-box" and dual != math.inf:
+                raise ValueError("ranking by the boxed linearised distance is defined for the L1 threat "
+                                 "model")
+            box = threat.box(x) if self.by == "linearised-box" else None
+            dist = linearised_distance(model, x, y, dual, box).masked_fill(true, float("inf"))
             order = order.gather(1, torch.sort(dist.gather(1, order), dim=1, stable=True).indices)
         return order[:, :self.slots(num_classes)]
 
 
-def linearised_distance(model, x: torch.Tensor, y: torch.Tensor, dual: float = 1) -> torch.Tensor:
+def boxed_l1_distance(margin: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, box) -> torch.Tensor:
+    """``[N]``: the smallest ‖δ‖₁ with ``x + δ`` in the box ``(lo, hi)`` at which the first-order model
+    ``margin + grad·δ`` reaches zero — a fractional knapsack, solved exactly by spending the budget on
+    the coordinates of largest ``|grad|`` first, each up to its room in the box in the direction that
+    lowers the margin; ``inf`` when the whole box cannot. A misclassified ``x`` (margin ≤ 0) gets the
+    unboxed value ``margin / ‖grad‖∞`` (≤ 0)."""
+    g = grad.flatten(1)
+    lo, hi = (b.flatten(1) for b in box)
+    room = torch.where(g > 0, x.flatten(1) - lo, hi - x.flatten(1)).clamp_min(0)
+    a, order = g.abs().sort(1, descending=True)
+    room = room.gather(1, order)
+    gain, cost = (a * room).cumsum(1), room.cumsum(1)
+    k = (gain < margin[:, None]).sum(1)  # coordinates filled to their room before the margin is spent
+    reach = k < g.shape[1]
+    kk = k.clamp_max(g.shape[1] - 1)[:, None]
+    before = lambda t: torch.where(k[:, None] > 0, t.gather(1, (kk - 1).clamp_min(0)),
+                                   torch.zeros_like(kk, dtype=t.dtype))
+    part = (margin[:, None] - before(gain)) / a.gather(1, kk).clamp_min(1e-30)
+    dist = torch.where(reach, (before(cost) + part)[:, 0], torch.full_like(margin, math.inf))
+    unboxed = margin / g.abs().amax(1).clamp_min(1e-12)
+    return torch.where(margin > 0, dist, unboxed)
+
+
+def linearised_distance(model, x: torch.Tensor, y: torch.Tensor, dual: float = 1, box=None) -> torch.Tensor:
     """``[N, C]``: ``(z_y − z_c) / ‖∇ₓ(z_y − z_c)‖_q`` at ``x`` for every class ``c`` (0 for ``c = y``),
     with ``q = dual`` the norm dual to the threat's (1 for L∞, 2 for L2, ∞ for L1): the distance, in
-    the threat's norm, at which the first-order model of the pair margin reaches zero.
+    the threat's norm, at which the first-order model of the pair margin reaches zero. With ``box``
+    (L1 only), that distance inside the box (:func:`boxed_l1_distance`).
 
     One forward pass and one backward pass per class over the batch; each row depends on its own
     example only (the model is in eval mode)."""
@@ -113,6 +143,10 @@ def linearised_distance(model, x: torch.Tensor, y: torch.Tensor, dual: float = 1
                 continue
             (grad,) = torch.autograd.grad(diff.sum(), leaf, retain_graph=c < z.shape[1] - 1,
                                           allow_unused=True)
+            if box is not None:
+                g = torch.zeros_like(leaf) if grad is None else grad
+                dist[:, c] = boxed_l1_distance(diff.detach(), g, x.detach(), box)
+                continue
             flat = grad.flatten(1).abs() if grad is not None else None
             norm = torch.zeros_like(diff) if flat is None else (
                 flat.sum(1) if dual == 1 else flat.amax(1) if dual == math.inf else flat.pow(2).sum(1).sqrt())

@@ -265,8 +265,8 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
     threat = attacks.threat_of(threat)
     members, seen = [], set()  # (a battery's L1 form has no black-box check: Square is L∞ and L2 only)
     gates = attacks.gates(list(names))
-    for item in attacks.expand(list(names)):
-        atk = _member(item, threat, budget)
+    for item, form in attacks.presets.members(list(names)):
+        atk = form(_member(item, threat, budget))
         if atk.name not in seen:
             seen.add(atk.name)
             members.append(atk)
