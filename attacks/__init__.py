@@ -99,7 +99,15 @@ from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Cosine, Piecewise, constant, paper_decay, piecewise
 from .seeding import example_seed, generators
 from .square import RandomSquares, RandomSquaresL2, WindowSchedule
-from .starts import DiverseStart, GaussianStart, NoStart, StripeStart, UniformStart
+from .starts import (
+    AttackStart,
+    DiverseStart,
+    GaussianStart,
+    NoStart,
+    StartsByRestart,
+    StripeStart,
+    UniformStart,
+)
 from .targets import (
     RandomTarget,
     RankedTargets,
@@ -114,8 +122,8 @@ __all__ = [
     "Attack", "NonFiniteLogits", "Result", "run",
     "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
-    "UniformStart", "NoStart", "StripeStart", "DiverseStart", "GaussianStart", "linearised_distance",
-    "boxed_l1_distance", "RandomSquares",
+    "UniformStart", "NoStart", "StripeStart", "DiverseStart", "GaussianStart", "AttackStart",
+    "StartsByRestart", "linearised_distance", "boxed_l1_distance", "RandomSquares",
     "WindowSchedule", "square",
     "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
     "LinfBall", "L2Ball", "L1Ball", "BALLS", "MinNorm", "min_norm", "MinDistance", "Cosine",

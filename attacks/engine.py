@@ -37,7 +37,16 @@ from .objectives import margin_of
 from .optimizers import select
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .seeding import generators
-from .starts import DiverseStart, GaussianStart, NoStart, StartPolicy, StripeStart, UniformStart
+from .starts import (
+    AttackStart,
+    DiverseStart,
+    GaussianStart,
+    NoStart,
+    StartPolicy,
+    StartsByRestart,
+    StripeStart,
+    UniformStart,
+)
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 
@@ -208,6 +217,7 @@ class MinDistance:
 
 
 Tracking = Evasion | Maximize | FinalIterate | MinDistance
+_STARTS = (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart, AttackStart)
 # --------------------------------------------------------------------------------------------- attack
 
 
@@ -248,8 +258,11 @@ class Attack:
             raise ValueError(f"draws must be an integer ≥ 1, got {self.draws!r}")
         if not isinstance(self.targets, (Untargeted, RandomTarget, RankedTargets)):
             raise ValueError(f"targets must be a target policy, got {self.targets!r}")
-        if not isinstance(self.start, (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart)):
+        starts = self.start.starts if isinstance(self.start, StartsByRestart) else (self.start,)
+        if not all(isinstance(s, _STARTS) for s in starts):
             raise ValueError(f"start must be a start policy, got {self.start!r}")
+        if any(isinstance(s, AttackStart) and not isinstance(s.attack, Attack) for s in starts):
+            raise ValueError("an attack start needs an Attack")
         if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate, MinDistance)):
             raise ValueError("tracking must be Evasion(), Maximize(), FinalIterate() or MinDistance(), "
                              f"got {self.tracking!r}")
@@ -473,9 +486,13 @@ def run(
     targets = attack.targets.assign(z0, y, ids, seed, num_classes, model=model, x=x, threat=attack.threat)
     counter["rows"] += n if getattr(attack.targets, "needs_model", False) else 0
     best = _Best.initial(x, z0, margin_of(z0, y), track.evades)
+    # a minimum-norm search runs every restart on every example its clean point does not break (a nearer
+    # point may come); otherwise each restart runs on the survivors of the ones before it
+    searched = (~best.success).nonzero()[:, 0] if not getattr(track, "compacts", True) else None
     j = 0
     while j < len(trials):
-        act = (~best.success).nonzero()[:, 0] if track.evades else torch.arange(n, device=x.device)
+        act = searched if searched is not None else (~best.success).nonzero()[:, 0] if track.evades else \
+            torch.arange(n, device=x.device)
         if act.numel() == 0:
             break
         m = _tile_count(tile, x.device, n, act.numel(), len(trials) - j) if isinstance(track, Evasion) else 1
@@ -518,11 +535,17 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     starts, gens, tgts = [], [], []
     for j in js:
         g = generators(seed, ids[act.cpu()].tolist(), j)
-        starts.append(attack.start(x[act], first, g, model=model))
+        policy = attack.start.of(trials[j][0]) if isinstance(attack.start, StartsByRestart) else attack.start
+        if getattr(policy, "needs_labels", False):
+            x0, rows = policy(x[act], first, g, model=model, y=y[act], ids=ids[act.cpu()], seed=seed, run=run)
+            counter["rows"] += rows
+        else:
+            x0 = policy(x[act], first, g, model=model)
+            counter["rows"] += act.numel() * getattr(policy, "steps", 0)
+        starts.append(x0)
         gens += g
         slot = trials[j][1]
         tgts.append(None if slot is None else targets[act, slot])
-    counter["rows"] += act.numel() * len(js) * getattr(attack.start, "steps", 0)
     rep = act.repeat(len(js))
     xs, start = x[rep], torch.cat(starts)
     box = attack.threat.box(xs)
@@ -533,8 +556,9 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
         local.steps += sum(k for _, k in warm)
     state = attack.optimizer.init(start, gens, steps=final, box=box, threat=attack.threat, center=xs,
                                   resumed=bool(warm))
-    run = js[0] if len(js) == 1 else torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
-    return _Rows(index, xs, y[rep], start, box, aux, target, state, local, run)
+    index_of_run = js[0] if len(js) == 1 else \
+        torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
+    return _Rows(index, xs, y[rep], start, box, aux, target, state, local, index_of_run)
 
 
 def _scaled(threat, multiple: float):

@@ -95,4 +95,40 @@ class GaussianStart:
         return threat.project(x + noise.to(device=x.device, dtype=x.dtype), x)
 
 
-StartPolicy = UniformStart | NoStart | StripeStart | DiverseStart | GaussianStart
+@dataclass(frozen=True)
+class AttackStart:
+    """The point a fixed-radius attack finds, run first at the threat's radius with its own budget and
+    seeds: an adversarial point where it breaks the example (else its best), for a minimum-norm search
+    to shrink. A minimum-norm search from the clean input grows its ball until it meets the boundary
+    and, for examples far from it, can stop at a local boundary further out than the one a fixed-radius
+    attack reaches; started from that attack's point it only has to shrink. The engine calls it with the
+    labels and its own ``run`` (``needs_labels``) and counts the passes it makes."""
+
+    attack: object  # an attacks.Attack; its radius is replaced by the threat's at every call
+
+    needs_labels = True
+
+    def __call__(self, x, threat, generators, model=None, *, y=None, ids=None, seed: int = 0, run=None):
+        if model is None or y is None or run is None:
+            raise ValueError("an attack start needs the model, the labels and the engine's run")
+        res = run(self.attack.replace(threat=threat), model, x, y, ids=ids, seed=seed, allow_train_mode=True)
+        return res.x_adv.detach(), res.forward_rows
+
+
+@dataclass(frozen=True)
+class StartsByRestart:
+    """Restart ``r`` starts with ``starts[r % len(starts)]``: e.g. a minimum-norm search once from the
+    clean input and once from a fixed-radius attack's point, keeping each example's nearer result."""
+
+    starts: tuple
+
+    def __post_init__(self):
+        if not self.starts or any(isinstance(s, StartsByRestart) or not callable(s) for s in self.starts):
+            raise ValueError("StartsByRestart needs a non-empty tuple of start policies")
+
+    def of(self, restart: int):
+        return self.starts[restart % len(self.starts)]
+
+
+StartPolicy = (UniformStart | NoStart | StripeStart | DiverseStart | GaussianStart | AttackStart
+               | StartsByRestart)

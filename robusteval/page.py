@@ -168,7 +168,7 @@ def _png(draw) -> str:
 
 def _curve(df: pd.DataFrame) -> str:
     several = df.groupby(["model", "norm"])["eps"].nunique().max() > 1
-    if not (several or (df["attack"] == "fmn").any()):
+    if not (several or df["attack_config"].astype(str).str.contains("MinDistance", regex=False).any()):
         return ""
     from robusteval.figures import curve_figure
 

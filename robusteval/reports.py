@@ -253,7 +253,7 @@ def mode_note(df: pd.DataFrame) -> str:
                   "survivor skipped "
                   "a member because its closeness to the boundary was above that member's gate, and counts "
                   "as robust to it")
-    if bool(df["attack_config"].astype(str).str.contains("anneal=", regex=False).any()):
+    if bool(df["attack_config"].astype(str).str.contains(r"anneal=\(\(", regex=True).any()):  # stages
         check += ("; radius annealed (robusteval standard v4 in L1, docs/methods.md): an annealed attack "
                   "spent 30% of its steps in the 3ε ball and 30% in the 2ε ball before the ε-ball, whose "
                   "points alone count")

@@ -278,3 +278,42 @@ def test_boxed_l1_distance_is_the_exact_first_order_distance_inside_the_box():
         attacks.RankedTargets(3, by="linearised-box").assign(
             torch.zeros(1, 4), torch.tensor([0]), torch.tensor([0]), 0, 4, model=nn.Linear(2, 4),
             x=torch.rand(1, 2), threat=attacks.LinfBall(0.1))
+
+
+def test_min_norm_restarts_from_the_fixed_radius_point_and_keeps_the_nearer_one():
+    """On a linear model both searches end at the exact distance; the second restart runs on every
+    example (not only the unbroken ones), starts from APGD-CE's point at the run's radius, and its passes
+    are counted; the preset round-trips and its nested attack follows the threat's radius."""
+    w = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Flatten(), Linear(w)).eval()
+    x = 0.25 + 0.5 * torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))  # box inactive
+    y = model(x).argmax(1)
+    exact = (x.flatten(1) @ w - 0.5 * w.sum()).abs() / torch.linalg.vector_norm(w, ord=2)
+    atk = attacks.get("min-norm", 3.0, norm="l2")
+    res = attacks.run(atk, model, x, y, seed=0)
+    found = atk.threat.distance(res.x_adv, x)
+    assert bool(res.success.all()) and bool(((found - exact).abs() <= 0.01 * exact + 1e-6).all())
+    once = attacks.run(attacks.get("fmn", 3.0, norm="l2"), model, x, y, seed=0)
+    assert bool((res.steps == 2 * once.steps).all())  # both restarts ran on every example
+    inner = attacks.run(atk.start.starts[1].attack, model, x, y, seed=0)
+    assert res.forward_rows > once.forward_rows + inner.forward_rows  # the second search's passes on top
+    assert attacks.from_config(atk.config()) == atk
+    assert attacks.get("min-norm", 1.0, norm="l2").start.starts[1].attack.eps == 1.0
+    with pytest.raises(ValueError, match="start policies"):
+        attacks.StartsByRestart(())
+    with pytest.raises(ValueError, match="Attack"):
+        atk.replace(start=attacks.AttackStart("apgd-ce"))
+
+
+def test_min_norm_curve_is_never_above_a_fixed_radius_run_it_starts_from():
+    """Every example the restart's fixed-radius attack breaks at ε gets a radius ≤ ε (the search starts
+    from that adversarial point and keeps the nearest adversarial point it sees)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.rand(20, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = model(x).argmax(1)
+    atk = attacks.get("min-norm", 0.5, norm="l2", steps=20)
+    res = attacks.run(atk, model, x, y, seed=0)
+    fixed = attacks.run(atk.start.starts[1].attack, model, x, y, seed=0)
+    assert bool(res.success[fixed.success].all())
+    assert bool((atk.threat.distance(res.x_adv, x)[fixed.success] <= 0.5 + 1e-5).all())
