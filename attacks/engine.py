@@ -498,14 +498,14 @@ def run(
         m = _tile_count(tile, x.device, n, act.numel(), len(trials) - j) if isinstance(track, Evasion) else 1
         if m > 1:
             _tiled(attack, model, x, y, ids, seed, prepared, targets, trials, range(j, j + m), act, best,
-                   counter, every, low)
+                   counter, every, low, z0)
             for k in range(j, j + m):
                 if on_run is not None:
                     on_run(k, len(trials), int((~best.success).sum()))
             j += m
             continue
         rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, [j], act, act,
-                      best.gather(act), counter, low)
+                      best.gather(act), counter, low, z0)
         rows = _ascend(attack, model, rows, every, best, counter, low)
         best.scatter(rows.act, rows.best)
         if on_run is not None:
@@ -525,7 +525,7 @@ def _tile_count(tile, device, n: int, active: int, left: int) -> int:
 
 
 def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, index, local: _Best,
-           counter: dict, low=None) -> _Rows:
+           counter: dict, low=None, z0=None) -> _Rows:
     """The rows of runs ``js`` on the examples ``act``, one block per run (one block unless tiled): each
     run's starts from its own generator stream (which the optimizer may keep drawing from), its target
     slot, a fresh optimizer state. ``index`` names the rows in the copy of the best points they write
@@ -551,13 +551,24 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     box = attack.threat.box(xs)
     aux = {k: v[rep] for k, v in prepared.items()}
     target = None if tgts[0] is None else torch.cat(tgts)
+    index_of_run = js[0] if len(js) == 1 else \
+        torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
+    for i, (multiple, steps) in enumerate(warm):
+        # an annealing stage (Attack.anneal): the same loop in a larger ball, untracked (its points are
+        # outside the threat set); the next stage starts from its highest-objective point
+        threat = _scaled(attack.threat, multiple)
+        stage_box = threat.box(xs)
+        state = attack.optimizer.init(start, gens, steps=steps, box=stage_box, threat=threat, center=xs,
+                                      resumed=i > 0)
+        z = z0[rep]
+        rows = _Rows(torch.arange(len(xs), device=x.device), xs, y[rep], start, stage_box, aux, target, state,
+                     _Best.initial(start, z, margin_of(z, y[rep]), evades=False), index_of_run)
+        start = _ascend(attack, model, rows, 0, None, counter, low, stage=(threat, steps)).best.x
     if warm:
-        start = _anneal(attack, model, warm, start, xs, y[rep], aux, target, gens, counter, low)
+        start = attack.threat.project(start, xs, box)
         local.steps += sum(k for _, k in warm)
     state = attack.optimizer.init(start, gens, steps=final, box=box, threat=attack.threat, center=xs,
                                   resumed=bool(warm))
-    index_of_run = js[0] if len(js) == 1 else \
-        torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
     return _Rows(index, xs, y[rep], start, box, aux, target, state, local, index_of_run)
 
 
@@ -565,40 +576,8 @@ def _scaled(threat, multiple: float):
     return replace(threat, eps=threat.eps * multiple)
 
 
-def _anneal(attack: Attack, model, warm, x, xs, ys, aux, target, gens, counter: dict, low) -> torch.Tensor:
-    """The annealing stages of one block of rows (:attr:`Attack.anneal`): in each larger ball, a fresh
-    optimizer state and that stage's steps from the previous stage's highest-objective point (the first
-    from the start). Nothing is tracked — those points are outside the threat set; the result is the last
-    stage's highest-objective point projected onto the ε-ball ∩ box, where the tracked stage begins."""
-    obj, opt = attack.objective, attack.optimizer
-    data = aux if target is None else {**aux, "target": target}
-    precision = torch.autocast(x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
-    for i, (multiple, steps) in enumerate(warm):
-        threat = _scaled(attack.threat, multiple)
-        box = threat.box(xs)
-        state = opt.init(x, gens, steps=steps, box=box, threat=threat, center=xs, resumed=i > 0)
-        best_x, best_v = x, torch.full((x.shape[0],), -math.inf, device=x.device)
-        for step in range(steps + 1):
-            grad_on = step < steps
-            with torch.enable_grad() if grad_on else torch.no_grad(), precision:
-                leaf = x.detach().requires_grad_(grad_on)
-                _, val = eot_value(obj, model, leaf, xs, ys, data, attack.draws)
-                grad = _input_gradient(val, leaf) if grad_on else None
-            counter["rows"] += x.shape[0] * attack.draws
-            val = val.detach().float()
-            better = val > best_v  # NaN never is
-            best_x = torch.where(better.view(-1, *([1] * (x.ndim - 1))), leaf.detach(), best_x)
-            best_v = torch.where(better, val, best_v)
-            if grad_on:
-                lr = attack.schedule(step, steps, threat.eps)
-                proposal, state = opt.step(leaf.detach(), grad, val, state, lr)
-                x = threat.project(proposal, xs, box)
-        x = best_x
-    return attack.threat.project(x, xs, attack.threat.box(xs)).detach()
-
-
 def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js, act, best: _Best,
-           counter: dict, every: int, low) -> None:
+           counter: dict, every: int, low, z0=None) -> None:
     """Runs ``js`` side by side on the survivors ``act``, one block of rows per run, each with the
     generator stream of its run; then folded into ``best`` in run order exactly as if they had run one
     after another: a run counts for an example only if no earlier run broke it (its steps too), a broken
@@ -608,7 +587,7 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     local = {"rows": 0, "nonfinite": torch.zeros(a * m, dtype=torch.bool, device=x.device)}
     virtual = torch.arange(a * m, device=x.device)
     rows = _start(attack, model, x, y, ids, seed, prepared, targets, trials, js, act, virtual,
-                  tile.gather(virtual), counter, low)
+                  tile.gather(virtual), counter, low, z0)
     rows = _ascend(attack, model, rows, every, tile, local, low)
     tile.scatter(rows.act, rows.best)
     counter["rows"] += local["rows"]
@@ -627,7 +606,7 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
 
 
 def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter: dict,
-            low: torch.dtype | None = None) -> _Rows:
+            low: torch.dtype | None = None, stage=None) -> _Rows:
     """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked.
 
     Solved rows leave the batch every ``every`` steps (0: never); until then they keep stepping, but
@@ -635,15 +614,21 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     dtype the model runs in under autocast; an iterate that looks adversarial there is re-evaluated in
     fp32, and only the fp32 logits decide success (finding those rows costs one host synchronisation
     per step under low precision; fp32 runs have none but the compaction's).
+    ``stage=(threat, steps)``: an annealing stage in that larger ball — the highest objective is kept
+    (``Maximize``), nothing decides success, and its points are nobody's result (outside the threat set,
+    so their logits are not checked either); pass ``every=0``.
     """
-    obj, opt, threat = attack.objective, attack.optimizer, attack.threat
+    obj, opt = attack.objective, attack.optimizer
+    if stage is None:  # the tracked stage (all the steps without annealing)
+        threat, steps, tracking = attack.threat, attack.stages()[-1][1], attack.tracking
+    else:
+        (threat, steps), tracking = stage, Maximize()
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
-    steps = attack.stages()[-1][1]  # the tracked stage's (all of them without annealing)
     for step in range(steps + 1):
         last = step == steps
         grad_on = opt.uses_gradient and not last
         # rows whose result can still change (a minimum-norm search goes on after a success)
-        live = ~rows.best.success if getattr(attack.tracking, "compacts", True) else \
+        live = ~rows.best.success if getattr(tracking, "compacts", True) else \
             torch.ones_like(rows.best.success)
         with torch.enable_grad() if grad_on else torch.no_grad(), precision:
             leaf = rows.x.detach().requires_grad_(grad_on)
@@ -653,21 +638,21 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         counter["rows"] += rows.act.numel() * attack.draws
         z, val = z.detach(), val.detach()
         margin = obj.untargeted_margin(z, rows.ys, val)
-        if low is not None:
+        if low is not None and stage is None:
             z, val, margin = _confirm_in_fp32(obj, model, rows, leaf.detach(), z, val, margin, data, counter,
                                               attack.draws)
-        counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
-        dist = threat.distance(leaf.detach(), rows.xs) if getattr(attack.tracking, "needs_distance", False) \
-            else None
+        if stage is None:
+            counter["nonfinite"][rows.act] |= ~torch.isfinite(z).all(1) & live
+        dist = threat.distance(leaf.detach(), rows.xs) if getattr(tracking, "needs_distance", False) else None
         it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target, dist)
-        attack.tracking.observe(rows.best, it, last)
+        tracking.observe(rows.best, it, last)
         if last:
             break
         rows.best.steps += live.long()
         lr = attack.schedule(step, steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
         rows.x = threat.project(proposal, rows.xs, rows.box)
-        if every and getattr(attack.tracking, "compacts", attack.tracking.evades) and (step + 1) % every == 0:
+        if every and getattr(tracking, "compacts", tracking.evades) and (step + 1) % every == 0:
             done = rows.best.success
             if bool(done.any()):  # in fp32 the loop's only host synchronisation, once per ``every`` steps
                 best.scatter(rows.act, rows.best, done)

@@ -274,6 +274,7 @@ def _l1_annealed(atk: Attack) -> Attack:
 
 #: Per battery, the form its members take (applied after any budget override).
 FORMS: dict[str, Callable[[Attack], Attack]] = {"standard-v4": _l1_annealed}
+FORMS["standard"] = FORMS[STANDARD]
 #: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
 #: survivor skips that member. Every member before a gated one scores its survivors at the best point
 #: it found, and a survivor's score is the smallest so far: the targeted round goes to survivors whose
@@ -306,8 +307,7 @@ def members(names) -> list[tuple[object, Callable[[Attack], Attack]]]:
     for item in names:
         key = str(item).strip().lower() if not isinstance(item, Attack) else None
         if key in BATTERIES:
-            form = FORMS.get(key) or FORMS.get(STANDARD if key == "standard" else "", _same)
-            out.extend((m, form) for m in BATTERIES[key])
+            out.extend((m, FORMS.get(key, _same)) for m in BATTERIES[key])
         else:
             out.append((item, _same))
     return out
