@@ -98,7 +98,7 @@ from .presets import (
 from .protocols import Objective, Optimizer, Schedule, Threat
 from .schedules import Cosine, Piecewise, constant, paper_decay, piecewise
 from .seeding import example_seed, generators
-from .square import RandomSquares, RandomSquaresL2, WindowSchedule
+from .square import RandomSquares, RandomSquaresL1, RandomSquaresL2, WindowSchedule
 from .starts import (
     AttackStart,
     DiverseStart,
@@ -127,7 +127,7 @@ __all__ = [
     "WindowSchedule", "square",
     "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
     "LinfBall", "L2Ball", "L1Ball", "BALLS", "MinNorm", "min_norm", "MinDistance", "Cosine",
-    "RandomSquaresL2", "fmn",
+    "RandomSquaresL2", "RandomSquaresL1", "fmn",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",
     "margin", "cross_entropy", "targeted_margin", "most_likely_target", "linearity_gap", "margin_of",

@@ -37,7 +37,7 @@ from . import objectives as O
 from .engine import Attack, Evasion, FinalIterate, Maximize, MinDistance
 from .optimizers import APGD, Adam, MinNorm, Sign, adam, apgd, sign
 from .schedules import Cosine, Piecewise, constant, paper_decay
-from .square import RandomSquares, RandomSquaresL2, WindowSchedule
+from .square import RandomSquares, RandomSquaresL1, RandomSquaresL2, WindowSchedule
 from .starts import (
     AttackStart,
     DiverseStart,
@@ -106,12 +106,16 @@ def pgd(threat: LinfBall, steps: int = 50) -> Attack:
 def square(threat) -> Attack:
     """Square (Andriushchenko et al. 2020): 5,000 queries of score-based random search on the margin. L∞:
     corner windows from the stripe initialisation, window area from p = 0.8 (:mod:`attacks.square`); L2:
-    the meta-pattern search from a random point of the ball, p from 0.3. No gradient, so gradient
-    masking cannot fool it; queries = steps + 1 (the start is the first). Not defined for L1."""
+    the meta-pattern search from a random point of the ball, p from 0.3; L1: the L1 meta-pattern search
+    (Croce & Hein 2021) from a sparse point on the ball's boundary (:class:`GaussianStart`), p from
+    0.8. No gradient, so gradient masking cannot fool it; queries = steps + 1 (the start is the first)."""
     threat = threat_of(threat)
     if threat.norm == "l2":
         return Attack("square", O.Margin(), RandomSquaresL2(), WindowSchedule(0.3), threat, 4999, 1,
                       start=UniformStart())
+    if threat.norm == "l1":
+        return Attack("square", O.Margin(), RandomSquaresL1(), WindowSchedule(0.8), threat, 4999, 1,
+                      start=GaussianStart())
     return Attack("square", O.Margin(), RandomSquares(), WindowSchedule(0.8), _linf(threat), 4999, 1,
                   start=StripeStart())
 
@@ -362,7 +366,7 @@ def get(name: str, eps, *, steps: int | None = None, restarts: int | None = None
 _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.TargetedMargin, O.DLR,
                                          O.TargetedDLR, O.MostLikelyTarget, O.LinearityGap, Adam, Sign, APGD,
                                          Piecewise, LinfBall, L2Ball, L1Ball, Cosine, MinNorm, MinDistance,
-                                         RandomSquaresL2,
+                                         RandomSquaresL2, RandomSquaresL1,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
                                          FinalIterate, UniformStart, NoStart, StripeStart, DiverseStart,
                                          GaussianStart, AttackStart, StartsByRestart,

@@ -1,4 +1,4 @@
-"""Square (Andriushchenko et al., ECCV 2020), L∞: a score-based random search, as an optimizer of the one
+"""Square (Andriushchenko et al., ECCV 2020): a score-based random search, as an optimizer of the one
 engine — no gradient, one forward per query per active example.
 
 Each query changes one square window of the current best point, in every channel, to a corner of the
@@ -7,7 +7,9 @@ keeps it when the objective (the margin) improved, then proposes the next window
 a fraction ``p`` of the image that shrinks over the run (:class:`WindowSchedule`, from ``p_init`` = 0.8);
 the first point is Square's stripe initialisation (:class:`attacks.starts.StripeStart`). Proposals put
 ±∞ in the window and let the engine's projection clamp them to ``x ± ε`` inside the box, so the
-optimizer needs neither ε nor the clean input.
+optimizer needs neither ε nor the clean input. In L2 and L1 (:class:`RandomSquaresL2`,
+:class:`RandomSquaresL1`) a query moves the perturbation's mass between two windows instead, and the
+engine's projection onto the ball ∩ box keeps it feasible.
 
 Randomness: the example's own generators (after the start's draws), consumed in fixed blocks per
 example, so results do not depend on the batch or on which examples are still active.
@@ -123,14 +125,15 @@ class SquareL2State(NamedTuple):
     threat: object
 
 
-def _bump(side: int, device) -> torch.Tensor:
-    """Square-L2's meta-pattern on a ``side × side`` window: concentric squares whose weight falls as the
-    inverse square of the ring, unit L2 norm (most of the mass in the middle, none at a hard edge)."""
+def _bump(side: int, device, power: int = 2, order: int = 2) -> torch.Tensor:
+    """Square's meta-pattern on a ``side × side`` window: concentric squares whose weight falls as the
+    ring's ``power`` (2 in L2, 4 in L1: most of the mass in the middle, none at a hard edge), unit
+    L``order`` norm."""
     idx = torch.arange(side, device=device, dtype=torch.float32)
     centre = (side - 1) / 2
     ring = torch.maximum((idx[:, None] - centre).abs(), (idx[None, :] - centre).abs())
-    pattern = 1.0 / (ring + 1) ** 2
-    return pattern / pattern.norm()
+    pattern = 1.0 / (ring + 1) ** power
+    return pattern / (pattern.norm() if order == 2 else pattern.abs().sum())
 
 
 @dataclass(frozen=True)
@@ -143,13 +146,15 @@ class RandomSquaresL2:
 
     uses_gradient = False
     name = "random-squares-l2"
+    order = 2  # the norm whose mass moves between windows (class constants, not configuration)
+    power = 2  # the meta-pattern's fall-off
 
     def init(self, x: torch.Tensor, generators=None, *, threat=None, center=None, **run) -> SquareL2State:
         if generators is None or len(generators) != x.shape[0]:
             raise ValueError("Square needs one generator per example")
         if x.ndim != 4 or threat is None or center is None:
-            raise ValueError(f"Square L2 needs images [N, C, H, W], the threat and the clean inputs; got "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(f"Square L{self.order} needs images [N, C, H, W], the threat and the clean "
+                             f"inputs; got shape {tuple(x.shape)}")
         value = torch.full((x.shape[0],), float("-inf"), device=x.device)
         return SquareL2State(x.clone(), value, _uniforms(generators, x, 4 + x.shape[1]), 0, list(generators),
                              center, threat)
@@ -163,10 +168,12 @@ class RandomSquaresL2:
         w2, _, _ = _window(u[:, 2], u[:, 3], side, h, w, x.device)
         both = w1 | w2
         kept = torch.where(both, torch.zeros_like(delta), delta)
-        freed = (delta * both).flatten(1).pow(2).sum(1)
-        room = (state.threat.eps ** 2 - delta.flatten(1).pow(2).sum(1)).clamp_min(0)
-        mass = (freed + room).sqrt() / math.sqrt(c)  # per channel
-        bump = _bump(side, x.device)
+        q = self.order
+        freed = (delta * both).abs().flatten(1).pow(q).sum(1)
+        room = (state.threat.eps ** q - delta.abs().flatten(1).pow(q).sum(1)).clamp_min(0)
+        # per channel: the channels together carry the freed mass plus the room left
+        mass = (freed + room).sqrt() / math.sqrt(c) if q == 2 else (freed + room) / c
+        bump = _bump(side, x.device, self.power, q)
         rel_r = (torch.arange(h, device=x.device)[None, :] - top[:, None]).clamp(0, side - 1)
         rel_c = (torch.arange(w, device=x.device)[None, :] - left[:, None]).clamp(0, side - 1)
         placed = bump[rel_r[:, :, None], rel_c[:, None, :]][:, None]  # the meta-pattern at each window
@@ -175,3 +182,16 @@ class RandomSquaresL2:
         proposal = state.center + kept + pattern * signs * mass.view(-1, 1, 1, 1)
         return proposal, SquareL2State(best, best_value, draws, used + 1, state.generators, state.center,
                                        state.threat)
+
+
+@dataclass(frozen=True)
+class RandomSquaresL1(RandomSquaresL2):
+    """Square's search step in L1 (the L1 Square of Croce & Hein, ICCV 2021): :class:`RandomSquaresL2`'s
+    moves with L1 mass — the perturbation's L1 mass in both windows plus the ball's unused radius goes
+    into W1 — and a meta-pattern falling as the fourth power of the ring, so most of a window's mass sits
+    on a few central pixels (an L1 budget buys more by being sparse). The engine's projection onto the
+    L1 ball ∩ box keeps every proposal feasible."""
+
+    name = "random-squares-l1"
+    order = 1
+    power = 4

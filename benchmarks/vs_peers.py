@@ -62,25 +62,63 @@ def verified_robust(model, x, x_adv, y, eps, norm="linf"):
 
 
 class Counted(torch.nn.Module):
-    """Counts example rows through ``forward`` and example rows whose logits get a gradient (backward)."""
+    """Counts example rows through ``forward`` and example rows whose logits get a gradient (backward).
 
-    def __init__(self, net: torch.nn.Module):
+    ``counts`` may be shared with another :class:`Counted` (see :func:`count_bpda_copies`). Nothing is
+    counted while ``torch.export`` traces the module: a trace is not a pass.
+    """
+
+    def __init__(self, net: torch.nn.Module, counts: dict | None = None):
         super().__init__()
         self.net = net
-        self.forward_rows = self.backward_rows = 0
+        self.counts = counts if counts is not None else {"forward": 0, "backward": 0}
+
+    @property
+    def forward_rows(self) -> int:
+        return self.counts["forward"]
+
+    @property
+    def backward_rows(self) -> int:
+        return self.counts["backward"]
 
     def forward(self, x):
         z = self.net(x)
-        self.forward_rows += x.shape[0]
+        if _tracing():
+            return z
+        self.counts["forward"] += x.shape[0]
         if z.requires_grad:
             z.register_hook(self._count)
         return z
 
     def _count(self, grad):
-        self.backward_rows += grad.shape[0]
+        self.counts["backward"] += grad.shape[0]
 
     def reset(self):
-        self.forward_rows = self.backward_rows = 0
+        self.counts["forward"] = self.counts["backward"] = 0
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(torch.compiler.is_compiling() or (exporting is not None and exporting()))
+
+
+def count_bpda_copies(counted: Counted) -> None:
+    """Count the passes of the runner's BPDA copies into ``counted``.
+
+    A model whose graph has a zero-gradient operation is attacked through a straight-through copy that
+    ``torch.export`` captures from it, and a capture keeps no hooks, so ``counted`` alone would miss
+    every pass of that copy; each copy the runner makes is wrapped in a :class:`Counted` sharing
+    ``counted``'s counts.
+    """
+    from robusteval import bpda
+
+    original = getattr(bpda.straight_through, "original", bpda.straight_through)
+
+    def straight_through(model, example):
+        return Counted(original(model, example), counts=counted.counts).eval()
+
+    straight_through.original = original
+    bpda.straight_through = straight_through
 
 
 def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None,
@@ -175,6 +213,7 @@ def main():
         if args.masked:
             net, spec = Masked(net, args.masked).eval(), f"{spec} ({args.masked})"
         model = Counted(net).eval()
+        count_bpda_copies(model)
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
         model.reset()

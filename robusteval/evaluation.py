@@ -263,7 +263,7 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
     from robusteval import alarms
 
     threat = attacks.threat_of(threat)
-    members, seen = [], set()  # (a battery's L1 form has no black-box check: Square is L∞ and L2 only)
+    members, seen = [], set()
     gates = attacks.gates(list(names))
     for item, form in attacks.presets.members(list(names)):
         atk = form(_member(item, threat, budget))
@@ -271,7 +271,7 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
             seen.add(atk.name)
             members.append(atk)
     check = None
-    if checks and not any(not a.optimizer.uses_gradient for a in members) and threat.norm != "l1":
+    if checks and not any(not a.optimizer.uses_gradient for a in members):
         queries = budget.queries or (alarms.FULL_QUERIES if full_check else alarms.CHECK_QUERIES)
         check = attacks.get("square", threat, queries=queries)
     gated = tuple(gates.get(a.name) for a in members)

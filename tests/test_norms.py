@@ -93,7 +93,7 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "v4 apgd-ce",
-                                  "v4 apgd-t"])
+                                  "v4 apgd-t", "square"])
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
     model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
@@ -122,8 +122,39 @@ def test_square_l2_stays_feasible_and_breaks_a_linear_model():
     atk = attacks.get("square", 1.0, norm="l2", queries=300)
     res = attacks.run(atk, model, x, y, seed=0)
     assert bool(atk.threat.contains(res.x_adv, x).all()) and bool(res.success.any())
-    with pytest.raises(ValueError, match="L∞"):
-        attacks.get("square", 5.0, norm="l1")
+
+
+def test_square_l1_stays_feasible_and_breaks_the_near_examples_of_a_linear_model():
+    """On a linear model the exact L1 distance to the boundary inside the box is the fractional knapsack
+    of :func:`attacks.boxed_l1_distance`: L1 Square (1,000 queries, no gradient) must break most
+    examples within half the radius, and no example beyond the radius can be broken by a feasible point."""
+    w = torch.randn(3 * 8 * 8, generator=torch.Generator().manual_seed(4))
+    model = nn.Sequential(nn.Flatten(), Linear(w)).eval()
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = model(x)
+    y = z.argmax(1)
+    grad = torch.where(y[:, None] == 1, w, -w)  # of the margin z_y − z_other
+    exact = attacks.boxed_l1_distance((z[:, 0] - z[:, 1]).abs(), grad, x.flatten(1),
+                                      (torch.zeros_like(x), torch.ones_like(x)))
+    eps = 3.0
+    atk = attacks.get("square", eps, norm="l1", queries=1000)
+    assert isinstance(atk.optimizer, attacks.RandomSquaresL1)
+    res = attacks.run(atk, model, x, y, seed=0)
+    assert bool(atk.threat.contains(res.x_adv, x).all())
+    near, far = exact < eps / 2, exact > eps * (1 + 1e-4)
+    assert int(near.sum()) >= 20 and int(far.sum()) >= 1  # the draw covers both cases
+    assert float(res.success[near].float().mean()) >= 0.8  # measured: 41 of 45
+    assert not bool(res.success[far].any())
+    with torch.no_grad():
+        assert torch.equal(res.success, model(res.x_adv).argmax(1) != y)
+
+
+def test_an_l1_battery_ends_with_the_l1_square_check():
+    from robusteval.evaluation import build_battery
+
+    battery = build_battery(["standard"], attacks.L1Ball(5.0), checks=True)
+    assert battery.check is not None and battery.check.threat.norm == "l1"
+    assert isinstance(battery.check.optimizer, attacks.RandomSquaresL1)
 
 
 def _rows(distances, robust, eps, attack="a"):
