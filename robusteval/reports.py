@@ -254,9 +254,9 @@ def mode_note(df: pd.DataFrame) -> str:
                   "a member because its closeness to the boundary was above that member's gate, and counts "
                   "as robust to it")
     if bool(df["attack_config"].astype(str).str.contains(r"anneal=\(\(", regex=True).any()):  # stages
-        check += ("; radius annealed (robusteval standard v4 in L1, docs/methods.md): an annealed attack "
-                  "spent 30% of its steps in the 3ε ball and 30% in the 2ε ball before the ε-ball, whose "
-                  "points alone count")
+        check += ("; radius annealed (robusteval standard v4 and later in L1, docs/methods.md): an annealed "
+                  "attack spent 30% of its steps in the 3ε ball and 30% in the 2ε ball before the ε-ball, "
+                  "whose points alone count")
     modes = set(base[~black_box].unique()) or set(base.unique())
     if modes == {"no-skip"}:
         return ("Each gradient attack ran on every clean-correct example (--no-skip)" + check +

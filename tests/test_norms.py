@@ -232,7 +232,7 @@ def test_annealed_run_spends_its_steps_in_the_larger_balls_and_returns_points_of
     assert bool((annealed.threat.distance(ra.x_adv, x) > 0.5 * eps).all())  # the stages' point was kept
 
 
-def test_standard_v4_anneals_its_l1_members_only():
+def test_standard_anneals_its_l1_members_only_and_v5_attacks_nine_l1_targets():
     from robusteval.evaluation import build_battery
 
     l1 = build_battery(["standard"], attacks.threat_of(10.0, norm="l1")).attacks
@@ -240,9 +240,15 @@ def test_standard_v4_anneals_its_l1_members_only():
     assert isinstance(l1[0].start, attacks.GaussianStart)
     for spec in (["standard-v3"], ["apgd-ce"]):  # version 3 and a preset by itself keep their L1 form
         assert all(a.anneal == () for a in build_battery(spec, attacks.threat_of(10.0, norm="l1")).attacks)
-    for norm, eps in (("linf", 0.1), ("l2", 1.0)):
+    v4 = build_battery(["standard-v4"], attacks.threat_of(10.0, norm="l1")).attacks
+    targets = {a.name: a.targets.k for a in l1 if isinstance(a.targets, attacks.RankedTargets)}
+    assert targets == {"apgd-t": attacks.presets.L1_TARGETS}
+    assert [a.targets.k for a in v4 if a.name == "apgd-t"] == [3]
+    assert [a.replace(targets=b.targets) for a, b in zip(l1, v4, strict=True)] == list(v4)  # nothing else
+    for norm, eps in (("linf", 0.1), ("l2", 1.0)):  # outside L1, v5 and v4 are v3
         v3 = build_battery(["standard-v3"], attacks.threat_of(eps, norm=norm)).attacks
         assert build_battery(["standard"], attacks.threat_of(eps, norm=norm)).attacks == v3
+        assert build_battery(["standard-v4"], attacks.threat_of(eps, norm=norm)).attacks == v3
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():

@@ -66,10 +66,10 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
 @cli.command("attack")
 @model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
-              help="Attack preset or battery, in battery order (repeat). Default: standard (version 4: "
+              help="Attack preset or battery, in battery order (repeat). Default: standard (version 5: "
                    "apgd-ce, apgd-t, apgd-dlr-odi, apgd-ce-odi, each on the survivors of the ones before, "
                    "the last three only where the boundary is near, radius-annealed in L1; then Square as "
-                   "the check; standard-v1 to standard-v3 by name). paper: the LLR paper's untargeted, "
+                   "the check; standard-v1 to standard-v4 by name). paper: the LLR paper's untargeted, "
                    "random-targeted and "
                    "multi-targeted at 20 × 200. Presets: untargeted, random-targeted, multi-targeted, "
                    "fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, apgd-dlr-odi, apgd-ce-odi, square, fmn, "
