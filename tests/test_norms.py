@@ -93,17 +93,18 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "v4 apgd-ce",
-                                  "v4 apgd-t", "square"])
+                                  "v4 apgd-t", "v5 apgd-t", "square"])
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
     model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     y = model(x).argmax(1)
-    atk = attacks.get(name.removeprefix("v4 "), 0.8 if norm == "l2" else 2.0, norm=norm, steps=12)
-    if name.startswith("v4 "):  # standard v4's L1 form (annealed, Gaussian starts, boxed ranking); in L2
+    version, _, preset = name.rpartition(" ")
+    atk = attacks.get(preset, 0.8 if norm == "l2" else 2.0, norm=norm, steps=12)
+    if version:  # standard's L1 form (annealed, Gaussian starts, boxed ranking; v5: more targets); in L2
         annealed = atk.replace(anneal=attacks.presets.L1_ANNEAL)  # annealing alone
-        atk = attacks.presets._l1_annealed(atk) if norm == "l1" else annealed
+        atk = attacks.presets.FORMS[f"standard-{version}"](atk) if norm == "l1" else annealed
     ids = torch.arange(10, 16)
     full = attacks.run(atk, model, x, y, ids=ids, seed=5)
     part = attacks.run(atk, model, x[3:], y[3:], ids=ids[3:], seed=5)
