@@ -136,6 +136,11 @@ def _bump(side: int, device, power: int = 2, order: int = 2) -> torch.Tensor:
     return pattern / (pattern.norm() if order == 2 else pattern.abs().sum())
 
 
+def _channel_norm(v: torch.Tensor, q: int) -> torch.Tensor:
+    """``[N, C, 1, 1]``: the Lq norm of each channel of ``v``."""
+    return v.abs().pow(q).sum(dim=(2, 3), keepdim=True).pow(1.0 / q)
+
+
 @dataclass(frozen=True)
 class RandomSquaresL2:
     """Square's L2 search step (Andriushchenko et al., ECCV 2020): each query takes a window W1 and a
@@ -148,6 +153,7 @@ class RandomSquaresL2:
     name = "random-squares-l2"
     order = 2  # the norm whose mass moves between windows (class constants, not configuration)
     power = 2  # the meta-pattern's fall-off
+    blend = False  # whether W1's old perturbation is kept under the new pattern
 
     def init(self, x: torch.Tensor, generators=None, *, threat=None, center=None, **run) -> SquareL2State:
         if generators is None or len(generators) != x.shape[0]:
@@ -179,7 +185,12 @@ class RandomSquaresL2:
         placed = bump[rel_r[:, :, None], rel_c[:, None, :]][:, None]  # the meta-pattern at each window
         pattern = torch.where(w1, placed, torch.zeros_like(placed)).to(delta.dtype)
         signs = torch.where(u[:, 4:] < 0.5, -1.0, 1.0).to(x.dtype)[:, :, None, None]
-        proposal = state.center + kept + pattern * signs * mass.view(-1, 1, 1, 1)
+        new = pattern * signs  # unit Lq per channel inside W1
+        if self.blend:  # keep W1's old direction: the pattern is added to it, not written over it
+            old = torch.where(w1, delta, torch.zeros_like(delta))
+            new = new + old / _channel_norm(old, q).clamp_min(1e-12)
+            new = new / _channel_norm(new, q).clamp_min(1e-12)
+        proposal = state.center + kept + new * mass.view(-1, 1, 1, 1)
         return proposal, SquareL2State(best, best_value, draws, used + 1, state.generators, state.center,
                                        state.threat)
 
@@ -189,9 +200,11 @@ class RandomSquaresL1(RandomSquaresL2):
     """Square's search step in L1 (the L1 Square of Croce & Hein, ICCV 2021): :class:`RandomSquaresL2`'s
     moves with L1 mass — the perturbation's L1 mass in both windows plus the ball's unused radius goes
     into W1 — and a meta-pattern falling as the fourth power of the ring, so most of a window's mass sits
-    on a few central pixels (an L1 budget buys more by being sparse). The engine's projection onto the
-    L1 ball ∩ box keeps every proposal feasible."""
+    on a few central pixels (an L1 budget buys more by being sparse). The pattern is added to W1's old
+    perturbation (both at unit L1 per channel) rather than written over it, so a query refines what the
+    search had there. The engine's projection onto the L1 ball ∩ box keeps every proposal feasible."""
 
     name = "random-squares-l1"
     order = 1
     power = 4
+    blend = True

@@ -144,7 +144,7 @@ def test_square_l1_stays_feasible_and_breaks_the_near_examples_of_a_linear_model
     assert bool(atk.threat.contains(res.x_adv, x).all())
     near, far = exact < eps / 2, exact > eps * (1 + 1e-4)
     assert int(near.sum()) >= 20 and int(far.sum()) >= 1  # the draw covers both cases
-    assert float(res.success[near].float().mean()) >= 0.8  # measured: 41 of 45
+    assert float(res.success[near].float().mean()) >= 0.8  # measured: 43 of 45
     assert not bool(res.success[far].any())
     with torch.no_grad():
         assert torch.equal(res.success, model(res.x_adv).argmax(1) != y)
