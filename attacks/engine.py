@@ -537,6 +537,7 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
         g = generators(seed, ids[act.cpu()].tolist(), j)
         policy = attack.start.of(trials[j][0]) if isinstance(attack.start, StartsByRestart) else attack.start
         if getattr(policy, "needs_labels", False):
+            # ``run`` here is this module's entry point: an attack start runs its attack through the engine
             x0, rows = policy(x[act], first, g, model=model, y=y[act], ids=ids[act.cpu()], seed=seed, run=run)
             counter["rows"] += rows
         else:
