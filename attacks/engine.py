@@ -51,9 +51,13 @@ from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 
 def stable_repr(value) -> str:
-    """``repr`` for configurations: dataclasses field by field, functions by qualified name, recursively."""
+    """``repr`` for configurations: dataclasses field by field, functions by qualified name, recursively.
+    A field marked ``omit_default`` (one added after its type was first released) is written only when it
+    differs from its default, so the configurations of earlier runs keep their text."""
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        inner = ", ".join(f"{f.name}={stable_repr(getattr(value, f.name))}" for f in fields(value) if f.repr)
+        shown = [f for f in fields(value) if f.repr
+                 and not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)]
+        inner = ", ".join(f"{f.name}={stable_repr(getattr(value, f.name))}" for f in shown)
         return f"{type(value).__name__}({inner})"
     if callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
         return f"{value.__module__}.{value.__qualname__}"

@@ -13,7 +13,7 @@ checkpoints and its inner projection) keep them in their state, the others ignor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -272,11 +272,22 @@ class MinNorm(GradientStep):
     along the L2-normalised gradient by the schedule's step (cosine-annealed) and is projected onto the
     ball of radius r ∩ box (:meth:`project_to` of the threat); γ decays from ``gamma`` to 0 by a cosine.
     With the ``MinDistance`` tracking of the engine, the smallest adversarial point found is kept.
-    ``value`` must be the untargeted margin (adversarial where > 0).
+    ``value`` must be adversarial where > 0 (the untargeted margin, or a targeted one).
+
+    ``direction``: ``"l2"`` moves along the L2-normalised gradient in every norm (FMN's rule);
+    ``"steepest"`` moves along the threat's steepest-ascent direction where that is dense — the sign of
+    the gradient in L∞, where an L2-normalised step of the same size barely moves each coordinate and
+    the search settles a few percent outside the boundary — and along the L2-normalised gradient in L2
+    and L1 (L1's steepest direction is one coordinate, too sparse to follow a boundary).
     """
 
     gamma: float = 0.05
+    direction: str = field(default="l2", metadata={"omit_default": True})
     name = "min-norm"
+
+    def __post_init__(self):
+        if self.direction not in ("l2", "steepest"):
+            raise ValueError("the minimum-norm direction is 'l2' or 'steepest'")
 
     def init(self, x: torch.Tensor, generators=None, *, steps: int = 0, box=None, threat=None, center=None,
              **run) -> MinNormState:
@@ -297,11 +308,14 @@ class MinNorm(GradientStep):
         first = torch.where(adv, size, size + (-value).clamp_min(0) / dual.clamp_min(1e-12))
         grown = torch.where(adv, torch.minimum(s.radius, size) * (1 - gamma), s.radius * (1 + gamma))
         radius = torch.where(torch.isinf(s.radius), first, grown).clamp_max(th.eps)
-        unit = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(grad)
+        if self.direction == "steepest" and th.p == math.inf:
+            unit = grad.sign()
+        else:
+            unit = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(grad)
         proposal = th.project_to(s.center + delta + float(lr) * unit, s.center, radius, (s.lo, s.hi))
         return proposal, s._replace(radius=radius, t=s.t + 1)
 
 
-def min_norm(gamma: float = 0.05) -> MinNorm:
+def min_norm(gamma: float = 0.05, direction: str = "l2") -> MinNorm:
     """The fast minimum-norm step (γ₀ = 0.05, as FMN)."""
-    return MinNorm(gamma)
+    return MinNorm(gamma, direction)

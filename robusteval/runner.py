@@ -230,9 +230,16 @@ def _pre_checks(s: Subject, ds: Dataset, threats, seed: int) -> list:
 # --------------------------------------------------------------------------------------------- plan
 
 
-def _mode(ev: Evaluation, check: bool) -> str:
-    """The record mode of an attack: the black-box check always runs on the survivors only."""
-    base = "skip" if (check or not ev.no_skip) else "no-skip"
+def _searches(atk: attacks.Attack) -> bool:
+    """A minimum-norm member (``MinDistance`` tracking) searches every clean-correct example, not only the
+    survivors of the members before it: an example broken within ε may still have a nearer point."""
+    return not getattr(atk.tracking, "compacts", True)
+
+
+def _mode(ev: Evaluation, check: bool, searches: bool = False) -> str:
+    """The record mode of an attack: the black-box check always runs on the survivors only, a
+    minimum-norm member on every example."""
+    base = "skip" if (check or not (ev.no_skip or searches)) else "no-skip"
     return base if ev.precision == "fp32" else f"{base}+{ev.precision}"
 
 
@@ -248,7 +255,8 @@ def _plan(ev: Evaluation, ds: Dataset, selected: Dataset, subjects, batteries, d
         for threat, battery in batteries[s.name]:
             checks = (*alarms.PRE, *_post_names(battery)) if ev.checks else ()
             checks += (alarms.EOT,) if s.random else ()
-            planned = tuple(plan.PlannedAttack(a.name, a.config(), _mode(ev, battery.role(a) == "check"),
+            planned = tuple(plan.PlannedAttack(a.name, a.config(), _mode(ev, battery.role(a) == "check",
+                                                                          _searches(a)),
                                                battery.role(a), a.optimizer.uses_gradient)
                             for a in battery.attacks)
             units.append(plan.Unit(s.name, s.sha256, float(threat.eps), planned, checks, threat.norm,
@@ -383,9 +391,9 @@ def _battery(ev: Evaluation, s: Subject, ds: Dataset, batteries, existing: pd.Da
         gated = not ev.no_skip  # (--no-skip attacks every example with every member: no gates)
         for atk in battery.attacks:
             check = battery.role(atk) == "check"
-            job = _Job(s, atk, ds, digests, ev, _mode(ev, check), where, bar,
+            job = _Job(s, atk, ds, digests, ev, _mode(ev, check, _searches(atk)), where, bar,
                        battery.gate(atk) if gated else None, gated and battery.scores(atk), scores)
-            robust = job.run(existing, alive if (check or not ev.no_skip) else None)
+            robust = job.run(existing, alive if (check or not (ev.no_skip or _searches(atk))) else None)
             rows += job.rows
             alive &= robust
     return rows

@@ -92,8 +92,9 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "v4 apgd-ce",
-                                  "v4 apgd-t", "v5 apgd-t", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn",
+                                  "min-norm-untargeted", "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t",
+                                  "v5 apgd-t", "square"])
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
     model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
@@ -327,7 +328,7 @@ def test_min_norm_restarts_from_the_fixed_radius_point_and_keeps_the_nearer_one(
     x = 0.25 + 0.5 * torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))  # box inactive
     y = model(x).argmax(1)
     exact = (x.flatten(1) @ w - 0.5 * w.sum()).abs() / torch.linalg.vector_norm(w, ord=2)
-    atk = attacks.get("min-norm", 3.0, norm="l2")
+    atk = attacks.get("min-norm-untargeted", 3.0, norm="l2")
     res = attacks.run(atk, model, x, y, seed=0)
     found = atk.threat.distance(res.x_adv, x)
     assert bool(res.success.all()) and bool(((found - exact).abs() <= 0.01 * exact + 1e-6).all())
@@ -336,7 +337,7 @@ def test_min_norm_restarts_from_the_fixed_radius_point_and_keeps_the_nearer_one(
     inner = attacks.run(atk.start.starts[1].attack, model, x, y, seed=0)
     assert res.forward_rows > once.forward_rows + inner.forward_rows  # the second search's passes on top
     assert attacks.from_config(atk.config()) == atk
-    assert attacks.get("min-norm", 1.0, norm="l2").start.starts[1].attack.eps == 1.0
+    assert attacks.get("min-norm-untargeted", 1.0, norm="l2").start.starts[1].attack.eps == 1.0
     with pytest.raises(ValueError, match="start policies"):
         attacks.StartsByRestart(())
     with pytest.raises(ValueError, match="Attack"):
@@ -350,8 +351,91 @@ def test_min_norm_curve_is_never_above_a_fixed_radius_run_it_starts_from():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     x = torch.rand(20, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     y = model(x).argmax(1)
-    atk = attacks.get("min-norm", 0.5, norm="l2", steps=20)
+    atk = attacks.get("min-norm-untargeted", 0.5, norm="l2", steps=20)
     res = attacks.run(atk, model, x, y, seed=0)
     fixed = attacks.run(atk.start.starts[1].attack, model, x, y, seed=0)
     assert bool(res.success[fixed.success].all())
     assert bool((atk.threat.distance(res.x_adv, x)[fixed.success] <= 0.5 + 1e-5).all())
+
+
+def test_steepest_steps_reach_the_exact_linf_distance_where_l2_steps_stop_short():
+    """On a linear model whose nearest L∞ point is a vertex of the ball (every coordinate moved by the
+    radius), the sign step of ``min-norm-untargeted`` ends within 0.01% of the exact radius ‖·‖ = m/‖w‖₁;
+    ``fmn``'s L2-normalised step, which moves a coordinate by its share of ‖w‖₂, ends further out."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(784, generator=torch.Generator().manual_seed(0))
+    model = Linear(w).eval()
+    side = torch.where(torch.rand(32, 1, generator=g) < 0.5, -1.0, 1.0)
+    a = (torch.rand(32, 1, generator=g) * 0.1 + 0.05) * side
+    x = 0.5 + a * w.sign() + 0.01 * (torch.rand(32, 784, generator=g) - 0.5)  # radius ≤ 0.15: box inactive
+    y = model(x).argmax(1)
+    exact = (x @ w - 0.5 * w.sum()).abs() / w.abs().sum()
+    gap = {}
+    for name in ("fmn", "min-norm-untargeted"):
+        atk = attacks.get(name, 0.3, norm="linf")
+        res = attacks.run(atk, model, x, y, seed=0)
+        assert bool(res.success.all()) and bool(atk.threat.contains(res.x_adv, x).all())
+        gap[name] = float(((atk.threat.distance(res.x_adv, x) - exact) / exact).max())
+    assert 0.0 <= gap["min-norm-untargeted"] <= 1e-4 < gap["fmn"]
+    assert attacks.MinNorm().direction == "l2" and "direction" not in attacks.get("fmn", 0.3).config()
+    with pytest.raises(ValueError, match="direction"):
+        attacks.MinNorm(direction="sign")
+
+
+class Affine(nn.Module):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T + self.b
+
+
+@pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1)])
+def test_targeted_min_norm_finds_the_nearest_of_several_class_boundaries(norm, dual):
+    """A multi-class linear model is misclassified exactly where some z_t ≥ z_y, so the minimal radius is
+    min over t of (z_y − z_t)/‖w_y − w_t‖ (dual norm); the targeted search (3 targets ranked by that
+    linearised distance, exact here) finds it within 1%. Class weights of very different sizes make the
+    class with the nearest logit another than the nearest boundary."""
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(5, 30, generator=gen) * torch.tensor([1.0, 8.0, 0.5, 4.0, 2.0])[:, None]
+    b = 3 * torch.randn(5, generator=gen)
+    model = Affine(w, b).eval()
+    x = 0.4 + 0.2 * torch.rand(40, 30, generator=gen)
+    z = model(x)
+    y = z.argmax(1)
+    diff = w[y][:, None, :] - w[None, :, :]  # [N, C, d]: w_y − w_t
+    gap = z.gather(1, y[:, None]) - z
+    dist = gap / torch.linalg.vector_norm(diff, ord=dual, dim=2).clamp_min(1e-12)
+    dist = dist.masked_fill(torch.nn.functional.one_hot(y, 5).bool(), float("inf"))
+    exact = dist.min(1).values
+    atk = attacks.get("min-norm-targeted", 0.5, norm=norm)
+    res = attacks.run(atk, model, x, y, seed=0)
+    inside = exact < 0.08  # the box stays inactive (x ± 0.08 ⊂ [0, 1]) for these
+    top = z.masked_fill(torch.nn.functional.one_hot(y, 5).bool(), float("-inf")).argmax(1)
+    assert int(inside.sum()) >= 30 and int((dist.argmin(1) != top)[inside].sum()) >= 5  # the case in point
+    found = atk.threat.distance(res.x_adv, x)
+    assert bool(res.success[inside].all()) and bool(atk.threat.contains(res.x_adv, x).all())
+    assert bool(((found - exact).abs() <= 0.01 * exact + 1e-6)[inside].all())
+    assert attacks.from_config(atk.config()) == atk
+
+
+def test_the_min_norm_battery_searches_every_example_with_both_members(tiny_npz):
+    """``min-norm`` is a battery whose second member runs on every clean-correct example (a nearer point
+    may come), not only on the survivors of the first, and the curve takes each example's nearer point."""
+    from conftest import run_eval
+
+    from robusteval.data import load_npz
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    df = run_eval([("lin", net)], ["min-norm"], [3.0], load_npz(tiny_npz), norm="l2", checks=False,
+                  steps=10).records
+    assert list(dict.fromkeys(df["attack"])) == ["min-norm-untargeted", "min-norm-targeted"]
+    for _, sub in df.groupby("attack"):
+        attacked = sub[sub["status"] == "attacked"]
+        assert (sub["status"] != "skipped").all() and (attacked["mode"] == "no-skip").all()
+        assert len(attacked) == int(sub["clean_correct"].sum())
+    nearest = df[~df["robust"] & (df["status"] == "attacked")].groupby("example_id")["distance"].min()
+    got = reports.radii(df).set_index("example_id")["radius"]
+    assert torch.allclose(torch.tensor(got[nearest.index].to_numpy()), torch.tensor(nearest.to_numpy()))

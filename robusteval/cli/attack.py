@@ -73,15 +73,16 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
                    "random-targeted and "
                    "multi-targeted at 20 × 200. Presets: untargeted, random-targeted, multi-targeted, "
                    "fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, apgd-dlr-odi, apgd-ce-odi, square, fmn, "
-                   "min-norm.")
+                   "min-norm-untargeted, min-norm-targeted. min-norm: the minimum-norm battery (both "
+                   "searches, each on every example; per-example radii for report --curve).")
 @click.option("--eps", "eps_texts", multiple=True,
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
 @click.option("--eps-scale", type=float, default=1.0, show_default=True, help="Divide every --eps by this.")
 @click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True,
               help="The threat model: the L∞, L2 or L1 ball of radius ε (intersected with [0, 1]). The paper "
-                   "presets are L∞ only; standard, the APGD presets, fmn and min-norm (minimum norm) and "
-                   "Square (L∞, L2) take every norm.")
+                   "presets are L∞ only; standard, the APGD presets, fmn, min-norm (minimum norm) and "
+                   "Square take every norm.")
 @click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's, else fashion-mnist).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Where the dataset lives.")
 @click.option("--download", is_flag=True, help="Download the dataset through torchvision if missing.")
