@@ -111,7 +111,7 @@ def square(threat) -> Attack:
     0.8. No gradient, so gradient masking cannot fool it; queries = steps + 1 (the start is the first)."""
     threat = threat_of(threat)
     if threat.norm == "l2":
-        return Attack("square", O.Margin(), RandomSquaresL2(), WindowSchedule(0.3), threat, 4999, 1,
+        return Attack("square", O.Margin(), RandomSquaresL2(blend=True), WindowSchedule(0.3), threat, 4999, 1,
                       start=UniformStart())
     if threat.norm == "l1":
         return Attack("square", O.Margin(), RandomSquaresL1(), WindowSchedule(0.8), threat, 4999, 1,

@@ -18,7 +18,7 @@ example, so results do not depend on the batch or on which examples are still ac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -147,13 +147,17 @@ class RandomSquaresL2:
     window W2 of the incumbent's perturbation, removes the perturbation in both and puts their L2 mass —
     plus what the ball still has room for — into W1 as the meta-pattern (:func:`_bump`) with a random
     sign per channel; the engine projects onto the ball ∩ box and the proposal is kept when the margin
-    improved. Draws come from the example's own generators in blocks, as :class:`RandomSquares`."""
+    improved. Draws come from the example's own generators in blocks, as :class:`RandomSquares`.
+
+    ``blend``: the pattern is added to W1's old perturbation (both at unit norm per channel), as the
+    published algorithm does, rather than written over it (``False``, the form before this field existed:
+    written into a configuration only when true, so earlier records reproduce)."""
 
     uses_gradient = False
     name = "random-squares-l2"
     order = 2  # the norm whose mass moves between windows (class constants, not configuration)
     power = 2  # the meta-pattern's fall-off
-    blend = False  # whether W1's old perturbation is kept under the new pattern
+    blend: bool = field(default=False, metadata={"omit_default": True})
 
     def init(self, x: torch.Tensor, generators=None, *, threat=None, center=None, **run) -> SquareL2State:
         if generators is None or len(generators) != x.shape[0]:
@@ -207,4 +211,4 @@ class RandomSquaresL1(RandomSquaresL2):
     name = "random-squares-l1"
     order = 1
     power = 4
-    blend = True
+    blend: bool = field(default=True, metadata={"omit_default": True})

@@ -439,3 +439,21 @@ def test_the_min_norm_battery_searches_every_example_with_both_members(tiny_npz)
     nearest = df[~df["robust"] & (df["status"] == "attacked")].groupby("example_id")["distance"].min()
     got = reports.radii(df).set_index("example_id")["radius"]
     assert torch.allclose(torch.tensor(got[nearest.index].to_numpy()), torch.tensor(nearest.to_numpy()))
+
+
+def test_l2_square_adds_its_pattern_and_an_earlier_configuration_still_writes_over_it():
+    """The L2 Square preset blends its pattern into W1's old perturbation (``blend=True`` in its text); the
+    text of an earlier run (no ``blend``) still builds the overwriting form, so its records reproduce."""
+    w = torch.randn(3 * 8 * 8, generator=torch.Generator().manual_seed(4))
+    model = nn.Sequential(nn.Flatten(), Linear(w)).eval()
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = model(x).argmax(1)
+    atk = attacks.get("square", 1.0, norm="l2", queries=60)
+    assert "RandomSquaresL2(blend=True)" in atk.config()
+    old = attacks.from_config(atk.config().replace("RandomSquaresL2(blend=True)", "RandomSquaresL2()"))
+    assert old.optimizer.blend is False and old.config() == atk.config().replace("(blend=True)", "()")
+    new_run, old_run = attacks.run(atk, model, x, y, seed=0), attacks.run(old, model, x, y, seed=0)
+    for res in (new_run, old_run):
+        assert bool(atk.threat.contains(res.x_adv, x).all())
+    assert not torch.equal(new_run.x_adv, old_run.x_adv)
+    assert "blend" not in attacks.get("square", 5.0, norm="l1").config()  # L1 has always blended
