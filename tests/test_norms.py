@@ -457,3 +457,17 @@ def test_l2_square_adds_its_pattern_and_an_earlier_configuration_still_writes_ov
         assert bool(atk.threat.contains(res.x_adv, x).all())
     assert not torch.equal(new_run.x_adv, old_run.x_adv)
     assert "blend" not in attacks.get("square", 5.0, norm="l1").config()  # L1 has always blended
+
+
+def test_the_report_says_a_minimum_norm_member_searched_every_example():
+    """A ``min-norm`` run's records are ``no-skip`` without ``--no-skip``: the table's note says why."""
+    ok = {"status": "attacked", "clean_correct": True, "robust": False, "success": True}
+    rows = [{"model": "m", "dataset": "d", "norm": "l2", "eps": 3.0, "example_id": 0, "mode": mode,
+             "attack": name, "attack_config": cfg, **ok}
+            for name, mode, cfg in (("min-norm-targeted", "no-skip", "tracking=MinDistance(), x=1"),
+                                    ("apgd-ce", "skip", "tracking=Evasion()"))]
+    alone = reports.mode_note(pd.DataFrame(rows[:1]))
+    mixed = reports.mode_note(pd.DataFrame(rows))
+    assert alone.startswith("Each minimum-norm attack ran on every clean-correct example")
+    assert "--no-skip" not in alone
+    assert mixed.startswith("Battery mode") and "accuracy against it alone" in mixed and "Mixed" not in mixed
