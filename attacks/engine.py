@@ -50,15 +50,20 @@ from .starts import (
 from .targets import RandomTarget, RankedTargets, TargetPolicy, Untargeted
 
 
+def _fields_repr(value) -> str:
+    """``name=stable_repr(value)`` for each shown field of a dataclass, comma-separated (the inside of
+    :func:`stable_repr`; :meth:`Attack.config` is this for the attack itself)."""
+    shown = [f for f in fields(value) if f.repr
+             and not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)]
+    return ", ".join(f"{f.name}={stable_repr(getattr(value, f.name))}" for f in shown)
+
+
 def stable_repr(value) -> str:
     """``repr`` for configurations: dataclasses field by field, functions by qualified name, recursively.
     A field marked ``omit_default`` (one added after its type was first released) is written only when it
     differs from its default, so the configurations of earlier runs keep their text."""
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        shown = [f for f in fields(value) if f.repr
-                 and not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)]
-        inner = ", ".join(f"{f.name}={stable_repr(getattr(value, f.name))}" for f in shown)
-        return f"{type(value).__name__}({inner})"
+        return f"{type(value).__name__}({_fields_repr(value)})"
     if callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
         return f"{value.__module__}.{value.__qualname__}"
     if isinstance(value, tuple):
@@ -310,9 +315,7 @@ class Attack:
         (``draws``) is written only when it differs from its default, which reproduces the behaviour from
         before it existed: the configurations of earlier runs keep their text.
         """
-        shown = [f for f in fields(self)
-                 if not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)]
-        return ", ".join(f"{f.name}={stable_repr(getattr(self, f.name))}" for f in shown)
+        return _fields_repr(self)
 
 
 @dataclass

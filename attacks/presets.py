@@ -151,7 +151,7 @@ def min_norm_targeted(threat) -> Attack:
     in L1 taken inside the box), 200 steps each from the clean input, the nearest adversarial point over
     the targets kept. An untargeted search follows the one class its gradient favours; the nearest
     boundary can belong to another (measured: examples that ``standard`` breaks with apgd-t at ε and
-    the untargeted search puts 10–40% further out, in L2; benchmarks/RESULTS.md)."""
+    the untargeted search put up to 40% further out, in L2; benchmarks/RESULTS.md)."""
     threat = threat_of(threat)
     by = "linearised-box" if threat.norm == "l1" else "linearised"
     return Attack("min-norm-targeted", O.TargetedMargin(), MinNorm(direction="steepest"),
