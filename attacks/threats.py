@@ -189,27 +189,42 @@ class _LpBall:
         if bool(inside.all()):
             return torch.clamp(x + d0, lo_b, hi_b)
         if self.p == 2:
-            delta = self._bisect(lambda t: torch.clamp(u / (1 + t), lo, hi), u, inside, d0, eps)
+            shrink = lambda t: torch.clamp(u / (1 + t), lo, hi)
+            delta = self._bisect(shrink, lambda t: _norm_of(shrink(t), 2), u, inside, d0, eps)
         else:
             cap = torch.where(u >= 0, hi, -lo)  # how far each coordinate may move in its own direction
-            soft = lambda t: u.sign() * torch.minimum((u.abs() - t).clamp_min(0), cap)  # soft threshold
-            delta = self._bisect(soft, u, inside, d0, eps)
+            mag = u.abs()
+            kept = lambda t: torch.minimum((mag - t).clamp_min(0), cap)  # |soft threshold|, capped
+            delta = self._bisect(lambda t: u.sign() * kept(t), lambda t: kept(t).flatten(1).sum(1),
+                                 u, inside, d0, eps)
         return torch.clamp(x + delta, lo_b, hi_b)
 
-    def _bisect(self, shrink, u, inside, d0, eps):
-        """Per example the smallest multiplier ``t ≥ 0`` with ‖shrink(t)‖_p ≤ ε (the KKT condition of the
-        projection), by bisection between a feasible upper end and 0; rows already inside keep ``d0``."""
+    def _bisect(self, shrink, size, u, inside, d0, eps):
+        """Per example the smallest multiplier ``t ≥ 0`` with ``size(t) = ‖shrink(t)‖_p ≤ ε`` (the KKT
+        condition of the projection), by bisection between a feasible upper end and 0; rows already
+        inside keep ``d0``.
+
+        The bracket is halved until it stops changing: once every row's midpoint rounds to one of its
+        ends, a further step reproduces the same ends (the lower end is never feasible, the upper always
+        is), so stopping there gives exactly the result of all :attr:`_ITERS` halvings, usually in about
+        25 of them in float32. ``size`` is the norm computed without building the signed δ; for L1 it
+        sums the same magnitudes in the same order as ``_norm_of(shrink(t), 1)``, so the decision at
+        every midpoint is the same to the bit."""
         n = u.shape[0]
         view = (-1, *([1] * (u.ndim - 1)))
         flat = u.flatten(1).abs()
         # an upper end where the shrunk δ is surely inside the ball (δ = 0 for a zero radius)
         hi_t = (flat.sum(1) / eps.clamp_min(1e-12) if self.p == 2 else flat.amax(1)).clamp_min(1.0)
         lo_t = torch.zeros(n, device=u.device, dtype=u.dtype)
-        for _ in range(self._ITERS):
+        for i in range(self._ITERS):
             mid = (lo_t + hi_t) / 2
-            ok = _norm_of(shrink(mid.view(view)), self.p) <= eps
-            hi_t = torch.where(ok, mid, hi_t)
-            lo_t = torch.where(ok, lo_t, mid)
+            ok = size(mid.view(view)) <= eps
+            new_hi, new_lo = torch.where(ok, mid, hi_t), torch.where(ok, lo_t, mid)
+            # a fixed point: checked every few halvings, so a GPU waits on the host rarely
+            done = i % 4 == 3 and torch.equal(new_hi, hi_t) and torch.equal(new_lo, lo_t)
+            hi_t, lo_t = new_hi, new_lo
+            if done:
+                break
         delta = shrink(hi_t.view(view))
         return torch.where(inside.view(view), d0, delta)
 

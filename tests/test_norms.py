@@ -42,6 +42,30 @@ def test_projection_is_the_nearest_feasible_point(ball, eps):
     assert torch.allclose(inside, (x + 0.01 * (p - x) / (p - x).norm(dim=1, keepdim=True)).clamp(0, 1))
 
 
+@pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5), (attacks.L1Ball, 8.0)])
+def test_projection_stopping_at_the_fixed_point_equals_every_halving(ball, eps, monkeypatch):
+    """The bisection stops once its bracket no longer changes; forcing all of its halvings (the
+    fixed-point check made to fail) must give the same points to the bit, in float32, with and without
+    per-example radii and with the box active."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 1, 12, 12, generator=g)
+    x[:10] = (x[:10] > 0.5).float()  # coordinates on the faces of the box
+    p = x + torch.randn(x.shape, generator=g) * torch.linspace(0.01, 1.0, 40).view(-1, 1, 1, 1)
+    radius = torch.rand(40, generator=g) * eps
+    threat = ball(eps)
+    fast = threat.project(p, x), threat.project_to(p, x, radius)
+    import attacks.threats as threats
+    halvings = []
+    real_equal = torch.equal
+    monkeypatch.setattr(threats.torch, "equal", lambda a, b: halvings.append(1) and False)
+    slow = threat.project(p, x), threat.project_to(p, x, radius)
+    monkeypatch.setattr(threats.torch, "equal", real_equal)
+    assert len(halvings) >= 2 * (threat._ITERS // 4)  # every halving ran
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert bool(threat.contains(fast[0], x).all())
+    assert bool((threat.distance(fast[1], x) <= radius + 1e-5 + threat.slack(x)).all())
+
+
 @pytest.mark.parametrize("ball, eps", BALLS)
 def test_samples_lie_in_the_ball_and_depend_only_on_the_example(ball, eps):
     threat = ball(eps)

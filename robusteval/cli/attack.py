@@ -153,9 +153,10 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     status 4). Alarms go to OUT/alarms.csv and are never erased by a later run (exit status 3). Also
     writes OUT/summary.csv and OUT/summary.md.
 
-    With no --attack the `standard` battery runs (version 3): the strongest per pass robusteval has (its
-    robust accuracy equalled or was below reference AutoAttack's on every model and radius measured, at
-    0.14 to 0.38 of its time and 0.09 to 0.25 of its backward passes: benchmarks/RESULTS.md).
+    With no --attack the `standard` battery runs (version 5, docs/methods.md): the strongest per pass
+    robusteval has. In L∞ on the zoo its robust accuracy equalled or was below reference AutoAttack's at
+    every model and radius measured, at 0.14 to 0.38 of its time (backward passes: 0.09 to 0.25 of
+    AutoAttack's at ε 0.05 and 0.1, about 0.6 at 0.2; benchmarks/RESULTS.md).
     --attack paper reproduces the LLR paper's tables.
 
     \b
