@@ -63,12 +63,14 @@ from .optimizers import (
     Adam,
     AdamState,
     APGDState,
+    Hyperplane,
     MinNorm,
     Sign,
     adam,
     apgd,
     apgd_checkpoints,
     min_norm,
+    project_on_hyperplane,
     sign,
 )
 from .presets import (
@@ -127,6 +129,7 @@ __all__ = [
     "WindowSchedule", "square",
     "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
     "LinfBall", "L2Ball", "L1Ball", "BALLS", "MinNorm", "min_norm", "MinDistance", "Cosine",
+    "Hyperplane", "project_on_hyperplane",
     "RandomSquaresL2", "RandomSquaresL1", "fmn",
     "Margin", "CrossEntropy", "TargetedMargin", "MostLikelyTarget", "LinearityGap", "OBJECTIVES",
     "DLR", "TargetedDLR",

@@ -623,14 +623,15 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     fp32, and only the fp32 logits decide success (finding those rows costs one host synchronisation
     per step under low precision; fp32 runs have none but the compaction's).
     ``stage=(threat, steps)``: an annealing stage in that larger ball — the highest objective is kept
-    (``Maximize``), nothing decides success, and its points are nobody's result (outside the threat set,
-    so their logits are not checked either); pass ``every=0``.
+    (``Maximize``; the nearest adversarial iterate for a minimum-norm step rule, :func:`_stage_tracking`),
+    nothing decides success, and its points are nobody's result (outside the threat set, so their logits
+    are not checked either); pass ``every=0``.
     """
     obj, opt = attack.objective, attack.optimizer
     if stage is None:  # the tracked stage (all the steps without annealing)
         threat, steps, tracking = attack.threat, attack.stages()[-1][1], attack.tracking
     else:
-        (threat, steps), tracking = stage, Maximize()
+        (threat, steps), tracking = stage, _stage_tracking(opt)
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
     for step in range(steps + 1):
         last = step == steps
@@ -668,6 +669,14 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
                 if rows.act.numel() == 0:
                     break
     return rows
+
+
+def _stage_tracking(opt):
+    """What an annealing stage keeps: the highest objective (an ascent), or, for a step rule that is a
+    minimum-norm search in the larger ball (``opt.stage_keeps == "nearest"``: it steps back from the
+    adversarial points it finds, so its highest objective is not where its search ends), the adversarial
+    iterate nearest the clean input."""
+    return MinDistance() if getattr(opt, "stage_keeps", "objective") == "nearest" else Maximize()
 
 
 def _confirm_in_fp32(obj, model, rows: _Rows, x, z, val, margin, data, counter, draws: int = 1):

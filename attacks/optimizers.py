@@ -319,3 +319,85 @@ class MinNorm(GradientStep):
 def min_norm(gamma: float = 0.05, direction: str = "l2") -> MinNorm:
     """The fast minimum-norm step (γ₀ = 0.05, as FMN)."""
     return MinNorm(gamma, direction)
+
+
+class HyperplaneState(NamedTuple):
+    center: torch.Tensor  # the clean inputs
+    lo: torch.Tensor
+    hi: torch.Tensor
+    threat: object
+
+
+def project_on_hyperplane(grad: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                          p: float, halvings: int = 60) -> torch.Tensor:
+    """``[N, ...]``: the smallest ``δ`` in the threat's norm ``p`` (2 or ∞) with ``grad · δ = c`` per row
+    and ``lo ≤ δ ≤ hi`` (``lo ≤ 0 ≤ hi``), or, where the box cannot reach ``c``, the box corner that comes
+    nearest. By the optimality conditions the answer is ``clamp(s·d, lo, hi)`` for one scalar ``s ≥ 0``
+    with ``d = sign(c)·grad`` in L2 and ``sign(c)·sign(grad)`` in L∞; ``grad · clamp(s·d, lo, hi)`` grows
+    monotonically with ``s``, so ``s`` is found by bisection, each row on its own."""
+    if p not in (2, math.inf):
+        raise ValueError("the hyperplane projection is defined for the L2 and L∞ threat models")
+    g = grad.flatten(1)
+    lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+    d = torch.sign(c)[:, None] * (g if p == 2 else g.sign())
+    target = c.abs()
+    room = torch.where(d > 0, hi_f, torch.where(d < 0, -lo_f, torch.zeros_like(d)))
+    s_max = (room / d.abs().clamp_min(1e-30)).masked_fill(d == 0, 0).amax(1)  # every coordinate saturated
+
+    def reach(s):  # |c|-side progress at s, ≥ 0 and non-decreasing in s
+        return (g * torch.clamp(s[:, None] * d, lo_f, hi_f)).sum(1) * torch.sign(c)
+
+    low, high = torch.zeros_like(s_max), s_max.clone()
+    for _ in range(halvings):
+        mid = (low + high) / 2
+        short = reach(mid) < target
+        low, high = torch.where(short, mid, low), torch.where(short, high, mid)
+    return torch.clamp(high[:, None] * d, lo_f, hi_f).view_as(grad)
+
+
+@dataclass(frozen=True)
+class Hyperplane(GradientStep):
+    """The step of FAB (Croce & Hein, ICML 2020) for a fixed radius, as an optimizer: the objective's
+    first-order model at the iterate ``x`` puts the boundary on the hyperplane ``value + grad·(u − x) = 0``;
+    the step goes to a convex combination of the nearest points of that hyperplane (within the box) to
+    ``x`` and to the clean input, ``(1 − α)(x + η δₓ) + α(x₀ + η δ₀)`` with ``α = min(‖δₓ‖ / (‖δₓ‖ + ‖δ₀‖),
+    alpha_max)`` and the overshoot ``η``; an adversarial iterate steps back to ``x₀ + β(x − x₀)``. Unlike
+    an ascent step it jumps to where the linear model says the boundary is, however far, and the bias
+    towards the clean input and the backward step keep it near, so FAB is a minimum-norm search. The
+    engine projects every iterate onto its ball ∩ box; in an annealing stage (``Attack.anneal``) the
+    search runs in the larger ball and hands its nearest adversarial point on (``stage_keeps``), which
+    is how FAB's unconstrained search followed by "is it within ε?" is run. ``value`` must be
+    adversarial where > 0 (a pair margin ``z_t − z_y`` for the targeted form). The step size of the
+    schedule is not used. L2 and L∞."""
+
+    eta: float = 1.05
+    alpha_max: float = 0.1
+    beta: float = 0.9
+    name = "hyperplane"
+    #: in a larger annealing ball this rule is a minimum-norm search: keep its nearest adversarial point
+    stage_keeps = "nearest"
+
+    def init(self, x: torch.Tensor, generators=None, *, steps: int = 0, box=None, threat=None, center=None,
+             **run) -> HyperplaneState:
+        if threat is None or center is None:
+            raise ValueError("the hyperplane step needs the threat and the clean inputs")
+        if getattr(threat, "p", None) not in (2, math.inf):
+            raise ValueError("the hyperplane (FAB) step is defined for the L2 and L∞ threat models")
+        lo, hi = box if box is not None else threat.box(center)
+        return HyperplaneState(center, lo, hi, threat)
+
+    def step(self, x, grad, value, state: HyperplaneState, lr):
+        s = state
+        p = s.threat.p
+        back = (value > 0).view(-1, *([1] * (x.ndim - 1)))
+        # δₓ from x, δ₀ from the clean input, both kept in the box: value + grad·(x + δₓ − x) = 0, ...
+        dx = project_on_hyperplane(grad, -value, s.lo - x, s.hi - x, p)
+        c0 = -value - (grad * (s.center - x)).flatten(1).sum(1)
+        d0 = project_on_hyperplane(grad, c0, s.lo - s.center, s.hi - s.center, p)
+        nx, n0 = (t.flatten(1).norm(p=p, dim=1) for t in (dx, d0))
+        alpha = (nx / (nx + n0).clamp_min(1e-30)).clamp_max(self.alpha_max)
+        alpha = alpha.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        proposal = (1 - alpha) * (x + self.eta * dx) + alpha * (s.center + self.eta * d0)
+        # an adversarial iterate (a minimum-norm search goes on after a success) steps back towards x₀
+        proposal = torch.where(back, s.center + self.beta * (x - s.center), proposal)
+        return torch.clamp(proposal, s.lo, s.hi), s

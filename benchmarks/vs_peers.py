@@ -196,8 +196,8 @@ def main():
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     if args.battery == "standard":
         battery, kw = ["standard"], {}
-        print(f"# robusteval battery: standard ({', '.join(attacks.BATTERIES['standard'])}), then the Square "
-              "check on the survivors")
+        members = ", ".join(attacks.expand(["standard"], args.norm))
+        print(f"# robusteval battery: standard ({members}), then the Square check on the survivors")
     else:
         battery, kw = ["untargeted", "multi-targeted"], dict(restarts=args.restarts, steps=args.steps)
         print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "

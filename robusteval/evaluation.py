@@ -264,8 +264,8 @@ def build_battery(names: Sequence, threat, budget: Budget = Budget(), checks: bo
 
     threat = attacks.threat_of(threat)
     members, seen = [], set()
-    gates = attacks.gates(list(names))
-    for item, form in attacks.presets.members(list(names)):
+    gates = attacks.gates(list(names), threat.norm)
+    for item, form in attacks.presets.members(list(names), threat.norm):
         atk = form(_member(item, threat, budget))
         if atk.name not in seen:
             seen.add(atk.name)

@@ -115,10 +115,12 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
     assert bool(atk.threat.contains(res.x_adv, x).all())
 
 
-@pytest.mark.parametrize("norm", ["l2", "l1"])
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn",
-                                  "min-norm-untargeted", "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t",
-                                  "v5 apgd-t", "square"])
+_EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
+               "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square"]
+
+
+@pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
+                         + [("fab-t", "l2"), ("fab-t", "linf")])  # fab-t: L2 and L∞ only
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
     model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
@@ -126,7 +128,7 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
     x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     y = model(x).argmax(1)
     version, _, preset = name.rpartition(" ")
-    atk = attacks.get(preset, 0.8 if norm == "l2" else 2.0, norm=norm, steps=12)
+    atk = attacks.get(preset, {"l2": 0.8, "l1": 2.0, "linf": 0.1}[norm], norm=norm, steps=12)
     if version:  # standard's L1 form (annealed, Gaussian starts, boxed ranking; v5: more targets); in L2
         annealed = atk.replace(anneal=attacks.presets.L1_ANNEAL)  # annealing alone
         atk = attacks.presets.FORMS[f"standard-{version}"](atk) if norm == "l1" else annealed
@@ -138,6 +140,93 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not model.training
     assert attacks.from_config(atk.config()) == atk
+
+
+@pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1)])
+def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(norm, dual):
+    """On a binary linear model an example can be broken within ε iff its exact distance to the boundary
+    is at most ε (box inactive): FAB's first step lands on the boundary (times η), so fab-t breaks every
+    example inside the radius and, its points being feasible, none outside."""
+    w = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 10
+    model = Linear(w).eval()
+    x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
+    y = model(x).argmax(1)
+    exact = (x @ w - 0.5 * w.sum()).abs() / torch.linalg.vector_norm(w, ord=dual)
+    eps = float(exact.median())
+    atk = attacks.get("fab-t", eps, norm=norm)
+    res = attacks.run(atk, model, x, y, seed=0)
+    assert bool(atk.threat.contains(res.x_adv, x).all())
+    clear = (exact - eps).abs() > 0.02 * eps  # away from the radius itself
+    assert torch.equal(res.success[clear], (exact <= eps)[clear])
+    assert 20 < int(res.success.sum()) < 44
+
+
+def _brute_force_hyperplane(g, c, lo, hi, p):
+    """The smallest ‖δ‖_p with g·δ = c inside [lo, hi], by another route: in L2 every split of the
+    coordinates into those at a face of the box and the free ones (free ones ∝ g, the multiplier from the
+    constraint); in L∞ the smallest t at which the box ∩ {|δ_i| ≤ t} can carry c (bisection on t)."""
+    n = len(g)
+    if p == 2:
+        import itertools
+
+        best = None
+        for faces in itertools.product((0, 1, 2), repeat=n):  # 0 free, 1 at lo, 2 at hi
+            d = torch.zeros(n, dtype=torch.float64)
+            fixed = torch.tensor([f != 0 for f in faces])
+            for i, f in enumerate(faces):
+                d[i] = lo[i] if f == 1 else hi[i] if f == 2 else 0.0
+            rest = c - float((g * d)[fixed].sum())
+            gf = g[~fixed]
+            if float((gf * gf).sum()) > 0:
+                d[~fixed] = gf * rest / float((gf * gf).sum())
+            elif abs(rest) > 1e-12:
+                continue
+            if bool((d >= lo - 1e-12).all() and (d <= hi + 1e-12).all()) and abs(float(g @ d) - c) < 1e-9:
+                norm = float(d.norm())
+                best = norm if best is None else min(best, norm)
+        return best
+    sign = 1.0 if c >= 0 else -1.0
+    lo_t, hi_t = 0.0, float(torch.maximum(lo.abs(), hi.abs()).max())
+
+    def carry(t):  # the most of sign·c the box ∩ the t-cube can carry
+        top = torch.minimum(hi, torch.full_like(hi, t))
+        bottom = torch.maximum(lo, torch.full_like(lo, -t))
+        return float(torch.maximum(sign * g * top, sign * g * bottom).sum())
+
+    if carry(hi_t) < abs(c):
+        return None
+    for _ in range(200):
+        mid = (lo_t + hi_t) / 2
+        lo_t, hi_t = (mid, hi_t) if carry(mid) < abs(c) else (lo_t, mid)
+    return hi_t
+
+
+@pytest.mark.parametrize("p", [2, float("inf")])
+def test_the_hyperplane_projection_is_the_nearest_point_against_a_brute_force(p):
+    gen = torch.Generator().manual_seed(7)
+    checked = 0
+    for _ in range(60):
+        g = torch.randn(4, generator=gen, dtype=torch.float64)
+        x = torch.rand(4, generator=gen, dtype=torch.float64)
+        lo, hi = -x, 1 - x  # the [0, 1] box around x
+        c = float(torch.randn(1, generator=gen, dtype=torch.float64)) * 0.5
+        d = attacks.project_on_hyperplane(g[None], torch.tensor([c], dtype=torch.float64), lo[None], hi[None],
+                                          p)[0]
+        assert bool((d >= lo - 1e-9).all() and (d <= hi + 1e-9).all())
+        want = _brute_force_hyperplane(g, c, lo, hi, p)
+        if want is None:  # the box cannot reach the hyperplane: the nearest corner towards it
+            assert abs(float(g @ d)) <= abs(c) and float(g @ d) * c >= 0
+            continue
+        assert abs(float(g @ d) - c) < 1e-9
+        assert float(d.norm(p=p)) == pytest.approx(want, rel=1e-6, abs=1e-9)
+        checked += 1
+    assert checked > 30
+
+
+def test_fab_t_refuses_the_l1_threat_model():
+    with pytest.raises(ValueError, match="L2 and L∞"):
+        attacks.run(attacks.get("fab-t", 5.0, norm="l1", steps=2), Linear(torch.ones(4)).eval(),
+                    torch.full((2, 4), 0.5), torch.tensor([0, 1]), seed=0)
 
 
 def test_square_l2_stays_feasible_and_breaks_a_linear_model():
@@ -271,10 +360,36 @@ def test_standard_anneals_its_l1_members_only_and_v5_attacks_nine_l1_targets():
     assert targets == {"apgd-t": attacks.presets.L1_TARGETS}
     assert [a.targets.k for a in v4 if a.name == "apgd-t"] == [3]
     assert [a.replace(targets=b.targets) for a, b in zip(l1, v4, strict=True)] == list(v4)  # nothing else
+    assert build_battery(["standard-v5"], attacks.threat_of(10.0, norm="l1")).attacks == l1  # v6 is v5 in L1
     for norm, eps in (("linf", 0.1), ("l2", 1.0)):  # outside L1, v5 and v4 are v3
         v3 = build_battery(["standard-v3"], attacks.threat_of(eps, norm=norm)).attacks
-        assert build_battery(["standard"], attacks.threat_of(eps, norm=norm)).attacks == v3
+        assert build_battery(["standard-v5"], attacks.threat_of(eps, norm=norm)).attacks == v3
         assert build_battery(["standard-v4"], attacks.threat_of(eps, norm=norm)).attacks == v3
+    assert build_battery(["standard"], attacks.threat_of(0.1, norm="linf")).attacks == \
+        build_battery(["standard-v3"], attacks.threat_of(0.1, norm="linf")).attacks  # v6 is v3 in L∞
+
+
+def test_v6_in_l2_attacks_nine_targets_ungated_and_ends_with_fab_t():
+    from robusteval.evaluation import build_battery
+
+    assert attacks.presets.STANDARD == "standard-v6"
+    l2 = build_battery(["standard"], attacks.threat_of(2.0, norm="l2"))
+    v5 = build_battery(["standard-v5"], attacks.threat_of(2.0, norm="l2"))
+    assert [a.name for a in l2.members] == [a.name for a in v5.members] + ["fab-t"]
+    assert [a.targets.k for a in l2.members if a.name == "apgd-t"] == [attacks.presets.L1_TARGETS]
+    assert [a.replace(targets=b.targets) for a, b in zip(l2.members[:4], v5.members, strict=True)] == \
+        list(v5.members)  # the first four differ from v5's only in apgd-t's targets
+    assert v5.gates == (None, 1.0, 0.5, 0.25)
+    assert l2.gates == (None, None, 0.5, 0.25, None)
+    # the members before the last gated one score their survivors; fab-t, like apgd-t, is not gated
+    assert [l2.scores(a) for a in l2.members] == [True, True, True, False, False]
+    for norm, eps in (("linf", 0.1), ("l1", 10.0)):  # v6 is v5 outside L2
+        battery = build_battery(["standard"], attacks.threat_of(eps, norm=norm))
+        assert battery.gates == (None, 1.0, 0.5, 0.25)
+        assert battery.attacks == build_battery(["standard-v5"], attacks.threat_of(eps, norm=norm)).attacks
+    assert attacks.gates(["standard-v6"], "l2") == {"apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25}
+    assert attacks.expand(["standard"], "linf") == ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
+    assert attacks.gates(["apgd-t"], "l2") == {}  # a member by itself is never gated
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():
