@@ -39,7 +39,7 @@ NOMINAL_EXPECTED, EXPECTED = "Nominal (expected)", "Expected"
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 HEADERS = {"model": "Model", "train_method": "Method", "train_steps": "PGD steps", "eps": "ε", "norm": "Norm",
            "dataset": "Dataset", "attack": "Attack", "seed": "Seed", "mode": "Mode"}  # fmt: skip
-_UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t", "odi"}
+_UPPER = {"fgsm", "pgd", "apgd", "ce", "dlr", "t", "odi", "fab", "fmn"}
 
 
 def attack_title(name: str) -> str:
@@ -233,6 +233,30 @@ def run_table(view, rows=("model",), columns: str = "attack") -> tuple[pd.DataFr
     return table, note or None
 
 
+def _annealing(df: pd.DataFrame) -> str:
+    """The annealing stages of the attacks in ``df``, read from their stored configurations: "apgd-ce,
+    apgd-t spent 30% of their steps in the 3ε ball and 30% in the 2ε ball, fab-t 80% in the 10ε ball"
+    ("" when none anneals; a configuration that does not parse is left out, never guessed)."""
+    import attacks
+
+    by_stages: dict[tuple, list[str]] = {}
+    for name, cfg in df[["attack", "attack_config"]].astype(str).drop_duplicates().itertuples(index=False):
+        if "anneal=((" not in cfg:
+            continue
+        try:
+            stages = attacks.from_config(cfg).anneal
+        except (ValueError, TypeError, SyntaxError):
+            continue
+        if stages and name not in by_stages.setdefault(tuple(stages), []):
+            by_stages[tuple(stages)].append(name)
+    parts = []
+    for stages, names in by_stages.items():
+        spent = " and ".join(f"{round(100 * share)}% in the {multiple:g}ε ball" for multiple, share in stages)
+        whose = "their" if len(names) > 1 else "its"
+        parts.append(f"{', '.join(names)} spent " + spent.replace("% in", f"% of {whose} steps in", 1))
+    return ", ".join(parts)
+
+
 def mode_note(df: pd.DataFrame) -> str:
     """One line saying how per-attack columns were computed (see the module docstring)."""
     black_box = df["attack_config"].str.contains("RandomSquares", regex=False)
@@ -253,9 +277,9 @@ def mode_note(df: pd.DataFrame) -> str:
                   "survivor skipped "
                   "a member because its closeness to the boundary was above that member's gate, and counts "
                   "as robust to it")
-    if bool(df["attack_config"].astype(str).str.contains(r"anneal=\(\(", regex=True).any()):  # stages
-        check += ("; radius annealed (robusteval standard v4 and later in L1, docs/methods.md): an annealed "
-                  "attack spent 30% of its steps in the 3ε ball and 30% in the 2ε ball before the ε-ball, "
+    annealed = _annealing(df)
+    if annealed:
+        check += (f"; radius annealed (docs/methods.md, \"Radius annealing\"): {annealed} before the ε-ball, "
                   "whose points alone count")
     searching = df["attack_config"].astype(str).str.contains("tracking=MinDistance()", regex=False)
     modes = set(base[~black_box & ~searching].unique())

@@ -610,3 +610,20 @@ def test_the_report_says_a_minimum_norm_member_searched_every_example():
     assert alone.startswith("Each minimum-norm attack ran on every clean-correct example")
     assert "--no-skip" not in alone
     assert mixed.startswith("Battery mode") and "accuracy against it alone" in mixed and "Mixed" not in mixed
+
+
+def test_the_report_describes_each_annealed_attack_from_its_stored_configuration():
+    ok = {"status": "attacked", "clean_correct": True, "robust": False, "success": True, "mode": "skip",
+          "model": "m", "dataset": "d", "norm": "l2", "eps": 2.0, "example_id": 0}
+    l1 = attacks.presets.FORMS["standard"]
+    built = [l1(attacks.get("apgd-ce", 5.0, norm="l1")), l1(attacks.get("apgd-t", 5.0, norm="l1")),
+             attacks.get("fab-t", 2.0, norm="l2"), attacks.get("apgd-dlr", 2.0, norm="l2")]
+    rows = [{**ok, "attack": a.name, "attack_config": a.config()} for a in built]
+    bad = "anneal=((3.0, 0.3),), name=print()"  # a configuration that does not parse is not guessed at
+    rows.append({**ok, "attack": "broken", "attack_config": bad})
+    note = reports.mode_note(pd.DataFrame(rows))
+    assert ("radius annealed (docs/methods.md, \"Radius annealing\"): apgd-ce, apgd-t spent 30% of their "
+            "steps in the 3ε ball and 30% in the 2ε ball, fab-t spent 80% of its steps in the 10ε ball "
+            "before the ε-ball") in note
+    assert "apgd-dlr" not in note and "broken" not in note
+    assert "radius annealed" not in reports.mode_note(pd.DataFrame(rows[3:4]))
