@@ -158,7 +158,9 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     With no --attack the `standard` battery runs (version 6, docs/methods.md): the strongest per pass
     robusteval has. In L∞ on the zoo its robust accuracy equalled or was below reference AutoAttack's at
     every model and radius measured, at 0.14 to 0.38 of its time (backward passes: 0.09 to 0.25 of
-    AutoAttack's at ε 0.05 and 0.1, about 0.6 at 0.2; benchmarks/RESULTS.md).
+    AutoAttack's at ε 0.05 and 0.1, about 0.6 at 0.2; benchmarks/RESULTS.md). In L2 (nine targets on
+    every survivor, then FAB) it was at or below AutoAttack on the six zoo models at ε 1.0 and 2.0, at
+    0.5 to 0.75 of its time; standard-v5 is cheaper in L2 and was weaker at ε 2.0.
     --attack paper reproduces the LLR paper's tables.
 
     \b
