@@ -21,8 +21,8 @@
 (***) every restart runs each of the 9 wrong classes by clean logit, from the clean input (FAB-T).
 
 Batteries (:data:`BATTERIES`) are named sequences of presets, each run on the survivors of the ones
-before it: ``standard`` (``apgd-ce``, ``apgd-t``, ``apgd-dlr-odi``, ``apgd-ce-odi``; the runner's checks
-end it with Square) and
+before it: ``standard`` (``apgd-ce``, ``apgd-t``, ``apgd-dlr-odi``, ``apgd-ce-odi``, and in L2 ``fab-t``;
+the runner's checks end it with Square) and
 ``paper`` (the LLR paper's three attacks at 20 × 200).
 
 Every knob can be overridden: ``get(name, eps, steps=..., restarts=..., step_size=..., objective=...)``.
@@ -169,9 +169,11 @@ FAB_SEARCH = ((10.0, 0.8),)
 def fab_t(threat) -> Attack:
     """FAB's targeted form at a fixed radius (:class:`~attacks.optimizers.Hyperplane`): towards each of
     the 9 wrong classes by clean logit (AutoAttack's FAB-T), 100 steps from the clean input on the pair
-    margin ``z_t − z_y``, each iterate projected onto the ε-ball ∩ box; the first adversarial point is
-    kept. A different search from a loss ascent: it jumps to the linearised boundary, which breaks some
-    examples no APGD run does (measured at L2 ε = 2.0, benchmarks/RESULTS.md). L2 and L∞."""
+    margin ``z_t − z_y``: 80 of them a minimum-norm search in the 10ε ball that hands on its nearest
+    adversarial point (:data:`FAB_SEARCH`), then 20 in the ε-ball ∩ box from that point projected onto
+    it, where the first adversarial point counts. A different search from a loss ascent: it jumps to the
+    linearised boundary, which breaks some examples no APGD run does (measured at L2 ε = 2.0,
+    benchmarks/RESULTS.md). L2 and L∞."""
     threat = threat_of(threat)
     return Attack("fab-t", O.TargetedMargin(), Hyperplane(), constant(1.0), threat, 100, 1,
                   targets=RankedTargets(9, all=True), start=NoStart(), anneal=FAB_SEARCH)
