@@ -299,12 +299,15 @@ BATTERIES: dict[str, Members | dict[str, Members]] = {
     # in L2, FAB's targeted search ends the battery (docs/methods.md, "The standard battery by version")
     "standard-v6": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t"),
                     "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi")},
+    # v7: v6's members; in L2 apgd-t and fab-t gated at 2 and 1 (GATES)
+    "standard-v7": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t"),
+                    "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi")},
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
     # a minimum-norm member searches every example, not only the survivors of the one before it
     "min-norm": ("min-norm-untargeted", "min-norm-targeted"),
 }
-#: The version ``standard`` stands for: a number is quoted as "robusteval standard v6".
-STANDARD = "standard-v6"
+#: The version ``standard`` stands for: a number is quoted as "robusteval standard v7".
+STANDARD = "standard-v7"
 BATTERIES["standard"] = BATTERIES[STANDARD]
 #: Radius annealing of the L1 members of ``standard-v4``: 30% of the steps in the 3ε ball, 30% in 2ε,
 #: the rest in the ε-ball (:attr:`Attack.anneal`).
@@ -355,7 +358,7 @@ def _v6(atk: Attack) -> Attack:
 
 #: Per battery, the form its members take (applied after any budget override).
 FORMS: dict[str, Callable[[Attack], Attack]] = {"standard-v4": _l1_annealed, "standard-v5": _l1_v5,
-                                                "standard-v6": _v6}
+                                                "standard-v6": _v6, "standard-v7": _v6}
 FORMS["standard"] = FORMS[STANDARD]
 #: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
 #: survivor skips that member. Every member before a gated one scores its survivors at the best point
@@ -367,12 +370,18 @@ FORMS["standard"] = FORMS[STANDARD]
 #: survivors the targeted member breaks (scores of 1.0 to 1.9 ε at L2 ε = 2.0); the targeted member's
 #: own nine class-directed best points then score the survivors for the two diverse-restart rounds.
 #: Nor ``fab-t``: the examples it broke there had scores of 0.12 to 0.87, no better separated.
+#: ``standard-v7`` gates both in L2, looser than in L∞: apgd-t at 2 and fab-t at 1, above every score
+#: at which they were measured to break an example there (1.91 and 0.87; in L∞ the targeted round's
+#: breaks scored at most 0.2). The score is a first-order distance and its error is the model's
+#: curvature over the distance extrapolated; the L2 gates sit where that error was measured to end
+#: (docs/methods.md, "The standard battery by version").
 Gates = tuple[float | None, ...]
 GATES: dict[str, Gates | dict[str, Gates]] = {
     "standard-v3": (None, 1.0, 0.5, 0.25),
     "standard-v4": (None, 1.0, 0.5, 0.25),
     "standard-v5": (None, 1.0, 0.5, 0.25),
     "standard-v6": {"l2": (None, None, 0.5, 0.25, None), "*": (None, 1.0, 0.5, 0.25)},
+    "standard-v7": {"l2": (None, 2.0, 0.5, 0.25, 1.0), "*": (None, 1.0, 0.5, 0.25)},
 }
 GATES["standard"] = GATES[STANDARD]
 

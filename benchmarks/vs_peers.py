@@ -133,6 +133,7 @@ def run_robusteval(model, ds, eps, battery, batch, device, name="model", restart
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
     robust = torch.tensor([bool(worst[int(i)]) for i in ds.ids.tolist()])
+    run_robusteval.last_records = df  # for --save
     return robust, seconds, outcome.alarms
 
 
@@ -168,6 +169,50 @@ def run_pgd_pair(model, x, y, ids, eps, steps):
     return r_ta, t_ta, r_re, time.perf_counter() - t0
 
 
+def _stem(spec: str, args) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
+    return f"{name}-{args.dataset}-n{args.n}-{args.norm}-eps{args.eps:g}"
+
+
+def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa) -> None:
+    """Per-example robust flags of both tools, and AutoAttack's seconds and passes, for a later
+    ``--autoattack-from`` run."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(spec, args)
+    pd.DataFrame({"example_id": ids.tolist(), "robusteval_robust": r_re.tolist(),
+                  "autoattack_robust": r_aa.tolist()}).to_csv(out / f"{stem}.csv", index=False)
+    records = getattr(run_robusteval, "last_records", None)
+    if records is not None:  # robusteval's own records of the run: per example and member, steps and seconds
+        records.to_csv(out / f"{stem}-records.csv", index=False)
+    (out / f"{stem}.json").write_text(json.dumps({"autoattack_seconds": t_aa, "infeasible": bad,
+                                                  "autoattack_passes": cost_aa}))
+
+
+def load_autoattack(root, spec, args, ids):
+    """AutoAttack's side of an earlier ``--save`` run; refuses a file for other examples."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    stem = _stem(spec, args)
+    try:
+        df = pd.read_csv(Path(root) / f"{stem}.csv")
+        meta = json.loads((Path(root) / f"{stem}.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: no usable saved AutoAttack run for {spec} under {root}: {exc}") from None
+    if df["example_id"].tolist() != ids.tolist():
+        raise SystemExit(f"error: the saved AutoAttack run for {spec} covers other examples")
+    robust = torch.tensor(df["autoattack_robust"].astype(bool).tolist())
+    return robust, float(meta["autoattack_seconds"]), int(meta["infeasible"]), str(meta["autoattack_passes"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True)
@@ -185,6 +230,12 @@ def main():
     p.add_argument("--no-pgd", action="store_true", help="skip the torchattacks PGD comparison")
     p.add_argument("--masked", choices=["quantise", "softmax"], default=None,
                    help="evaluate each model behind a gradient-masking wrapper")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write each model's per-example robust flags of both tools (CSV) and AutoAttack's "
+                        "seconds and passes (JSON) under DIR")
+    p.add_argument("--autoattack-from", default=None, metavar="DIR",
+                   help="take AutoAttack's flags, seconds and passes from an earlier --save run (same model, "
+                        "examples, norm and eps) instead of running it; the ratio then spans two runs")
     args = p.parse_args()
     device = torch.device(args.device)
     ds = load_dataset(args.dataset, n=args.n)
@@ -224,10 +275,15 @@ def main():
         for a in found:
             print(f"# alarm {spec}: {a.check} — {a.detail}", flush=True)
         if not args.no_autoattack:
-            model.reset()
-            r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch, args.norm)
-            r_aa = r_aa.cpu()
-            cost_aa = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
+            if args.autoattack_from:
+                r_aa, t_aa, bad, cost_aa = load_autoattack(args.autoattack_from, spec, args, ids)
+            else:
+                model.reset()
+                r_aa, t_aa, bad = run_autoattack(model, x, y, args.eps, args.batch, args.norm)
+                r_aa = r_aa.cpu()
+                cost_aa = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
+            if args.save:
+                save_flags(args.save, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa)
             only_aa = ids[~r_aa & r_re].tolist()
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | {r_aa.float().mean():.1%} | "
                         f"{int((~r_re & r_aa).sum())} | {len(only_aa)} | {t_re:.0f} / {t_aa:.0f}"

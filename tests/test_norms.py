@@ -366,14 +366,13 @@ def test_standard_anneals_its_l1_members_only_and_v5_attacks_nine_l1_targets():
         assert build_battery(["standard-v5"], attacks.threat_of(eps, norm=norm)).attacks == v3
         assert build_battery(["standard-v4"], attacks.threat_of(eps, norm=norm)).attacks == v3
     assert build_battery(["standard"], attacks.threat_of(0.1, norm="linf")).attacks == \
-        build_battery(["standard-v3"], attacks.threat_of(0.1, norm="linf")).attacks  # v6 is v3 in L∞
+        build_battery(["standard-v3"], attacks.threat_of(0.1, norm="linf")).attacks  # v7 is v3 in L∞
 
 
 def test_v6_in_l2_attacks_nine_targets_ungated_and_ends_with_fab_t():
     from robusteval.evaluation import build_battery
 
-    assert attacks.presets.STANDARD == "standard-v6"
-    l2 = build_battery(["standard"], attacks.threat_of(2.0, norm="l2"))
+    l2 = build_battery(["standard-v6"], attacks.threat_of(2.0, norm="l2"))
     v5 = build_battery(["standard-v5"], attacks.threat_of(2.0, norm="l2"))
     assert [a.name for a in l2.members] == [a.name for a in v5.members] + ["fab-t"]
     assert [a.targets.k for a in l2.members if a.name == "apgd-t"] == [attacks.presets.L1_TARGETS]
@@ -384,12 +383,31 @@ def test_v6_in_l2_attacks_nine_targets_ungated_and_ends_with_fab_t():
     # the members before the last gated one score their survivors; fab-t, like apgd-t, is not gated
     assert [l2.scores(a) for a in l2.members] == [True, True, True, False, False]
     for norm, eps in (("linf", 0.1), ("l1", 10.0)):  # v6 is v5 outside L2
-        battery = build_battery(["standard"], attacks.threat_of(eps, norm=norm))
+        battery = build_battery(["standard-v6"], attacks.threat_of(eps, norm=norm))
         assert battery.gates == (None, 1.0, 0.5, 0.25)
         assert battery.attacks == build_battery(["standard-v5"], attacks.threat_of(eps, norm=norm)).attacks
     assert attacks.gates(["standard-v6"], "l2") == {"apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25}
-    assert attacks.expand(["standard"], "linf") == ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
+    assert attacks.expand(["standard-v6"], "linf") == ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
     assert attacks.gates(["apgd-t"], "l2") == {}  # a member by itself is never gated
+
+
+def test_v7_is_v6_with_looser_l2_gates_on_apgd_t_and_fab_t():
+    from robusteval.evaluation import build_battery
+
+    assert attacks.presets.STANDARD == "standard-v7"
+    for eps in (1.0, 2.0):
+        v7 = build_battery(["standard"], attacks.threat_of(eps, norm="l2"))
+        v6 = build_battery(["standard-v6"], attacks.threat_of(eps, norm="l2"))
+        assert v7.members == v6.members  # the same five attacks, configured alike
+        assert v7.gates == (None, 2.0, 0.5, 0.25, 1.0)
+        # every member before the last gated one scores its survivors; fab-t is gated, so apgd-ce-odi scores
+        assert [v7.scores(a) for a in v7.members] == [True, True, True, True, False]
+    for norm, eps in (("linf", 0.1), ("l1", 10.0)):  # v7 is v6 (so v5) outside L2
+        assert build_battery(["standard"], attacks.threat_of(eps, norm=norm)).attacks == \
+            build_battery(["standard-v6"], attacks.threat_of(eps, norm=norm)).attacks
+    assert attacks.gates(["standard"], "l2") == {"apgd-t": 2.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25,
+                                                 "fab-t": 1.0}
+    assert attacks.gates(["standard"], "linf") == {"apgd-t": 1.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25}
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():
