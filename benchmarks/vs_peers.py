@@ -124,7 +124,8 @@ def count_bpda_copies(counted: Counted) -> None:
 def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None,
                    norm="linf"):
     """robusteval's battery, then the Square check on its survivors, through the runner (which verifies
-    every point); returns per-example robust flags (worst case), seconds and the alarms raised."""
+    every point); returns per-example robust flags (worst case), seconds, the alarms raised and the
+    records."""
     t0 = time.perf_counter()
     outcome = runner.evaluate(Evaluation(models=((name, model),), battery=tuple(battery), eps=(eps,),
                                          dataset=ds, batch_size=batch, device=device, progress=False,
@@ -133,8 +134,7 @@ def run_robusteval(model, ds, eps, battery, batch, device, name="model", restart
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
     robust = torch.tensor([bool(worst[int(i)]) for i in ds.ids.tolist()])
-    run_robusteval.last_records = df  # for --save
-    return robust, seconds, outcome.alarms
+    return robust, seconds, outcome.alarms, df
 
 
 def run_autoattack(model, x, y, eps, batch, norm="linf"):
@@ -174,7 +174,7 @@ def _stem(spec: str, args) -> str:
     return f"{name}-{args.dataset}-n{args.n}-{args.norm}-eps{args.eps:g}"
 
 
-def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa) -> None:
+def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records) -> None:
     """Per-example robust flags of both tools, and AutoAttack's seconds and passes, for a later
     ``--autoattack-from`` run."""
     import json
@@ -187,9 +187,8 @@ def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa) -> None:
     stem = _stem(spec, args)
     pd.DataFrame({"example_id": ids.tolist(), "robusteval_robust": r_re.tolist(),
                   "autoattack_robust": r_aa.tolist()}).to_csv(out / f"{stem}.csv", index=False)
-    records = getattr(run_robusteval, "last_records", None)
-    if records is not None:  # robusteval's own records of the run: per example and member, steps and seconds
-        records.to_csv(out / f"{stem}-records.csv", index=False)
+    # robusteval's own records of the run: per example and member, steps and seconds
+    records.to_csv(out / f"{stem}-records.csv", index=False)
     (out / f"{stem}.json").write_text(json.dumps({"autoattack_seconds": t_aa, "infeasible": bad,
                                                   "autoattack_passes": cost_aa}))
 
@@ -205,12 +204,13 @@ def load_autoattack(root, spec, args, ids):
     try:
         df = pd.read_csv(Path(root) / f"{stem}.csv")
         meta = json.loads((Path(root) / f"{stem}.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: no usable saved AutoAttack run for {spec} under {root}: {exc}") from None
-    if df["example_id"].tolist() != ids.tolist():
-        raise SystemExit(f"error: the saved AutoAttack run for {spec} covers other examples")
-    robust = torch.tensor(df["autoattack_robust"].astype(bool).tolist())
-    return robust, float(meta["autoattack_seconds"]), int(meta["infeasible"]), str(meta["autoattack_passes"])
+        if df["example_id"].tolist() != ids.tolist():
+            raise SystemExit(f"error: the saved AutoAttack run for {spec} covers other examples")
+        robust = torch.tensor(df["autoattack_robust"].astype(bool).tolist())
+        return (robust, float(meta["autoattack_seconds"]), int(meta["infeasible"]),
+                str(meta["autoattack_passes"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"error: no usable saved AutoAttack run for {spec} under {root}: {exc!r}") from None
 
 
 def main():
@@ -268,8 +268,8 @@ def main():
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
         model.reset()
-        r_re, t_re, found = run_robusteval(model, ds, args.eps, battery, args.batch, str(device), spec,
-                                           norm=args.norm, **kw)
+        r_re, t_re, found, records = run_robusteval(model, ds, args.eps, battery, args.batch, str(device),
+                                                    spec, norm=args.norm, **kw)
         cost_re = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
         names = ", ".join(sorted({a.check for a in found})) or "none"
         for a in found:
@@ -283,7 +283,7 @@ def main():
                 r_aa = r_aa.cpu()
                 cost_aa = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
             if args.save:
-                save_flags(args.save, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa)
+                save_flags(args.save, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records)
             only_aa = ids[~r_aa & r_re].tolist()
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | {r_aa.float().mean():.1%} | "
                         f"{int((~r_re & r_aa).sum())} | {len(only_aa)} | {t_re:.0f} / {t_aa:.0f}"
