@@ -160,8 +160,9 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     every model and radius measured, at 0.14 to 0.38 of its time (backward passes: 0.09 to 0.25 of
     AutoAttack's at ε 0.05 and 0.1, about 0.6 at 0.2; benchmarks/RESULTS.md). In L2 (nine targets on
     every survivor, then FAB) it was at or below AutoAttack on the six zoo models at ε 1.0 and 2.0, at
-    0.5 to 0.75 of its time (version 6; version 7 gates apgd-t and fab-t in L2 and took 0.38 to 0.57 on
-    the three rows measured); standard-v5 is cheaper in L2 and was weaker at ε 2.0.
+    0.5 to 0.75 of its time (version 6; version 7 gates apgd-t and fab-t in L2: the same numbers at
+    0.26 to 0.38 at ε 1.0 and 0.57 to 0.67 at ε 2.0); standard-v5 is cheaper in L2 and was weaker at
+    ε 2.0.
     --attack paper reproduces the LLR paper's tables.
 
     \b
