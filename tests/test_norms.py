@@ -116,7 +116,7 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 
 _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
-               "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square"]
+               "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin"]
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
@@ -350,7 +350,7 @@ def test_annealed_run_spends_its_steps_in_the_larger_balls_and_returns_points_of
 def test_standard_anneals_its_l1_members_only_and_v5_attacks_nine_l1_targets():
     from robusteval.evaluation import build_battery
 
-    l1 = build_battery(["standard"], attacks.threat_of(10.0, norm="l1")).attacks
+    l1 = build_battery(["standard-v7"], attacks.threat_of(10.0, norm="l1")).attacks
     assert all(a.anneal == attacks.presets.L1_ANNEAL for a in l1)
     assert isinstance(l1[0].start, attacks.GaussianStart)
     for spec in (["standard-v3"], ["apgd-ce"]):  # version 3 and a preset by itself keep their L1 form
@@ -365,7 +365,7 @@ def test_standard_anneals_its_l1_members_only_and_v5_attacks_nine_l1_targets():
         v3 = build_battery(["standard-v3"], attacks.threat_of(eps, norm=norm)).attacks
         assert build_battery(["standard-v5"], attacks.threat_of(eps, norm=norm)).attacks == v3
         assert build_battery(["standard-v4"], attacks.threat_of(eps, norm=norm)).attacks == v3
-    assert build_battery(["standard"], attacks.threat_of(0.1, norm="linf")).attacks == \
+    assert build_battery(["standard-v7"], attacks.threat_of(0.1, norm="linf")).attacks == \
         build_battery(["standard-v3"], attacks.threat_of(0.1, norm="linf")).attacks  # v7 is v3 in L∞
 
 
@@ -394,20 +394,37 @@ def test_v6_in_l2_attacks_nine_targets_ungated_and_ends_with_fab_t():
 def test_v7_is_v6_with_looser_l2_gates_on_apgd_t_and_fab_t():
     from robusteval.evaluation import build_battery
 
-    assert attacks.presets.STANDARD == "standard-v7"
     for eps in (1.0, 2.0):
-        v7 = build_battery(["standard"], attacks.threat_of(eps, norm="l2"))
+        v7 = build_battery(["standard-v7"], attacks.threat_of(eps, norm="l2"))
         v6 = build_battery(["standard-v6"], attacks.threat_of(eps, norm="l2"))
         assert v7.members == v6.members  # the same five attacks, configured alike
         assert v7.gates == (None, 2.0, 0.5, 0.25, 1.0)
         # every member before the last gated one scores its survivors; fab-t is gated, so apgd-ce-odi scores
         assert [v7.scores(a) for a in v7.members] == [True, True, True, True, False]
     for norm, eps in (("linf", 0.1), ("l1", 10.0)):  # v7 is v6 (so v5) outside L2
-        assert build_battery(["standard"], attacks.threat_of(eps, norm=norm)).attacks == \
+        assert build_battery(["standard-v7"], attacks.threat_of(eps, norm=norm)).attacks == \
             build_battery(["standard-v6"], attacks.threat_of(eps, norm=norm)).attacks
-    assert attacks.gates(["standard"], "l2") == {"apgd-t": 2.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25,
-                                                 "fab-t": 1.0}
-    assert attacks.gates(["standard"], "linf") == {"apgd-t": 1.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25}
+    assert attacks.gates(["standard-v7"], "l2") == {"apgd-t": 2.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25,
+                                                    "fab-t": 1.0}
+    assert attacks.gates(["standard-v7"], "linf") == {"apgd-t": 1.0, "apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25}
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v8_is_v7_then_apgd_t_margin_on_the_survivors_nearest_the_boundary(norm, eps):
+    from robusteval.evaluation import build_battery
+
+    assert attacks.presets.STANDARD == "standard-v8"
+    threat = attacks.threat_of(eps, norm=norm)
+    v8, v7 = build_battery(["standard"], threat), build_battery(["standard-v7"], threat)
+    assert v8.members[:-1] == v7.members  # v7's members, configured alike, in the same order
+    assert v8.gates == (*v7.gates, attacks.presets.NEAR)
+    last, targeted = v8.members[-1], v7.members[1]
+    assert last.name == "apgd-t-margin" and isinstance(last.objective, attacks.TargetedMargin)
+    # apgd-t's targets, starts, steps and (in L1) annealing, with three restarts of each target
+    assert last.replace(name="apgd-t", objective=targeted.objective, restarts=1) == targeted
+    assert last.restarts == 3
+    # v7's last member now scores its survivors too: the near round's gate reads the smallest score
+    assert [v8.scores(a) for a in v8.members] == [True] * (len(v8.members) - 1) + [False]
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():

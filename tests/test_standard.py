@@ -170,9 +170,9 @@ def test_diverse_starts_stay_in_the_ball_depend_only_on_the_example_and_differ_f
 
 def test_standard_battery_members_in_order():
     built = build_battery(["standard"], 0.1).attacks
-    members = ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi"]
+    members = ["apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin"]
     assert [a.name for a in built] == members
-    assert [a.restarts for a in built] == [1, 1, 5, 5]
+    assert [a.restarts for a in built] == [1, 1, 5, 5, 3]
     assert all(isinstance(a.start, attacks.DiverseStart) for a in built[1:])
     with_check = build_battery(["standard"], 0.1, checks=True)
     assert [a.name for a in with_check.attacks] == [*members, "square"]
@@ -203,6 +203,28 @@ def test_standard_battery_matches_the_exact_optimum_of_a_multiclass_linear_model
         alive[idx[res.success]] = False
     assert torch.equal(~alive, best > 0)
     assert alive.any() and (~alive).any()
+
+
+def test_apgd_t_margin_reaches_the_exact_targeted_optimum_of_a_linear_model():
+    """With 4 classes its 3 ranked targets are every wrong class, and on a linear model the pair margin
+    z_t − z_y is maximised over the L∞ ball ∩ box at a known corner: the member breaks exactly the examples
+    whose best corner is misclassified."""
+    eps, bounds, d, classes = 0.1, (0.0, 1.0), 12, 4
+    model = linear_model(d, classes, seed=7)
+    x = torch.rand(80, d, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    w = model[1].weight.detach()
+    best = torch.full((80,), -float("inf"))
+    for t in range(classes):
+        with torch.no_grad():
+            best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, bounds)), y))
+    atk = attacks.get("apgd-t-margin", eps)
+    res = attacks.run(atk, model, x, y, seed=0)
+    assert bool(atk.threat.contains(res.x_adv, x).all())
+    clear = best.abs() > 1e-3  # away from the boundary itself
+    assert torch.equal(res.success[clear], (best > 0)[clear])
+    assert res.success.any() and (~res.success).any()
 
 
 def test_standard_breaks_every_example_of_the_nominal_model():
@@ -241,7 +263,7 @@ def test_reallocation_is_decided_per_example_and_gives_the_same_records_for_any_
     rw = RowWise(model).eval()
     battery = build_battery(["standard"], 0.01)
     gates = dict(zip((a.name for a in battery.members), battery.gates, strict=True))
-    assert [g is None for g in gates.values()] == [True, False, False, False]
+    assert [g is None for g in gates.values()] == [True, False, False, False, False]
 
     def records(dataset, batch):
         df = run_eval([("m", rw)], ["standard"], 0.01, dataset, steps=10, batch_size=batch,
