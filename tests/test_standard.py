@@ -185,17 +185,25 @@ def test_standard_battery_members_in_order():
         assert attacks.from_config(atk.config()) == atk
 
 
-def test_standard_battery_matches_the_exact_optimum_of_a_multiclass_linear_model():
-    eps, bounds, d, classes = 0.08, (0.0, 1.0), 10, 5
-    model = linear_model(d, classes, seed=4)
-    x = torch.rand(64, d, generator=torch.Generator().manual_seed(5))
+def _linear_case(n: int, d: int, classes: int, eps: float, seed: int):
+    """A multiclass linear model, inputs, their labels (its predictions) and each input's exact best
+    margin over the L∞ ball ∩ [0, 1]: the largest over the wrong classes t of the margin at the corner
+    that maximises z_t − z_y."""
+    model = linear_model(d, classes, seed=seed)
+    x = torch.rand(n, d, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         y = model(x).argmax(1)
     w = model[1].weight.detach()
-    best = torch.full((64,), -float("inf"))
+    best = torch.full((n,), -float("inf"))
     for t in range(classes):
         with torch.no_grad():
-            best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, bounds)), y))
+            best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, (0.0, 1.0))), y))
+    return model, x, y, best
+
+
+def test_standard_battery_matches_the_exact_optimum_of_a_multiclass_linear_model():
+    eps = 0.08
+    model, x, y, best = _linear_case(64, 10, 5, eps, seed=4)
     alive = torch.ones(64, dtype=torch.bool)
     for atk in build_battery(["standard"], eps).attacks:
         idx = alive.nonzero()[:, 0]
@@ -209,16 +217,8 @@ def test_apgd_t_margin_reaches_the_exact_targeted_optimum_of_a_linear_model():
     """With 4 classes its 3 ranked targets are every wrong class, and on a linear model the pair margin
     z_t − z_y is maximised over the L∞ ball ∩ box at a known corner: the member breaks exactly the examples
     whose best corner is misclassified."""
-    eps, bounds, d, classes = 0.1, (0.0, 1.0), 12, 4
-    model = linear_model(d, classes, seed=7)
-    x = torch.rand(80, d, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    w = model[1].weight.detach()
-    best = torch.full((80,), -float("inf"))
-    for t in range(classes):
-        with torch.no_grad():
-            best = torch.maximum(best, attacks.margin_of(model(_corner(x, w[t] - w[y], eps, bounds)), y))
+    eps = 0.1
+    model, x, y, best = _linear_case(80, 12, 4, eps, seed=7)
     atk = attacks.get("apgd-t-margin", eps)
     res = attacks.run(atk, model, x, y, seed=0)
     assert bool(atk.threat.contains(res.x_adv, x).all())
