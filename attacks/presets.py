@@ -11,6 +11,7 @@
 | apgd-ce           | apgd      | 100   | 2ε, then APGD's own rule        | 1        | cross-entropy        |
 | apgd-dlr          | apgd      | 100   | same                            | 1        | DLR                  |
 | apgd-t            | apgd      | 100   | same                            | 1 (**)   | targeted DLR         |
+| apgd-t-margin     | apgd      | 100   | same                            | 3 (**)   | z_t − z_y            |
 | apgd-dlr-odi      | apgd      | 100   | same                            | 5, ODI   | DLR                  |
 | apgd-ce-odi       | apgd      | 100   | same                            | 5, ODI   | cross-entropy        |
 | fab-t             | hyperplane| 100   | not used (80 steps in 10ε ball) | 1 (***)  | z_t − z_y            |
@@ -21,8 +22,8 @@
 (***) every restart runs each of the 9 wrong classes by clean logit, from the clean input (FAB-T).
 
 Batteries (:data:`BATTERIES`) are named sequences of presets, each run on the survivors of the ones
-before it: ``standard`` (``apgd-ce``, ``apgd-t``, ``apgd-dlr-odi``, ``apgd-ce-odi``, and in L2 ``fab-t``;
-the runner's checks end it with Square) and
+before it: ``standard`` (``apgd-ce``, ``apgd-t``, ``apgd-dlr-odi``, ``apgd-ce-odi``, in L2 ``fab-t``, then
+``apgd-t-margin`` on the near misses; the runner's checks end it with Square) and
 ``paper`` (the LLR paper's three attacks at 20 × 200).
 
 Every knob can be overridden: ``get(name, eps, steps=..., restarts=..., step_size=..., objective=...)``.
@@ -212,11 +213,12 @@ def apgd_t(threat) -> Attack:
 
 def apgd_t_margin(threat) -> Attack:
     """Targeted APGD on the pair margin ``z_t − z_y`` instead of the targeted DLR, towards apgd-t's ranked
-    targets, 3 restarts of each from output-diversified starts: ``standard``'s last round since v8, run only
-    on the survivors nearest the boundary. Near the boundary the raw pair margin is the quantity that
-    decides success, where the DLR quotient also rewards pushing the third-ranked logit; a survivor that
-    every earlier member left just short of another class was measured to cross with this objective and
-    fresh starts where more runs of the earlier objectives did not (docs/methods.md, "The standard battery by version", v8)."""
+    targets, 3 restarts of each from apgd-t's kind of start: ``standard``'s last round since v8, run only
+    on the survivors nearest the boundary. Near the boundary the pair margin is the quantity that decides
+    success, where the targeted DLR quotient, while the margin is negative, also rises when the third- and
+    fourth-ranked logits fall; survivors that every earlier member left just short of another class were
+    measured to cross with this objective and fresh starts where more runs of the earlier objectives did
+    not (docs/methods.md, "The standard battery by version", v8)."""
     return apgd_t(threat).replace(name="apgd-t-margin", objective=O.TargetedMargin(), restarts=3)
 
 
