@@ -164,7 +164,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     every survivor, then FAB) it was at or below AutoAttack on the six zoo models at ε 1.0 and 2.0, at
     0.5 to 0.75 of its time (version 6; version 7 gates apgd-t and fab-t in L2: the same numbers at
     0.26 to 0.38 at ε 1.0 and 0.57 to 0.67 at ε 2.0); standard-v5 is cheaper in L2 and was weaker at
-    ε 2.0. Version 8 ends with apgd-t-margin on the near misses: it broke 11 of the 17 examples only
+    ε 2.0. Version 8 ends with apgd-t-margin on the near misses: it broke 12 of the 18 examples only
     AutoAttack had broken at L1 ε 10, L2 ε 2.0 and L∞ ε 0.2, at 9 to 15% more time (standard-v7 is
     the cheaper choice).
     --attack paper reproduces the LLR paper's tables.
