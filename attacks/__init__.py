@@ -36,6 +36,7 @@ from .engine import (
     MinDistance,
     NonFiniteLogits,
     Result,
+    Stall,
     eot_value,
     expected_logits,
     run,
@@ -123,7 +124,7 @@ from .threats import BALLS, L1Ball, L2Ball, LinfBall
 __all__ = [
     "Attack", "NonFiniteLogits", "Result", "run",
     "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
-    "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate",
+    "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate", "Stall",
     "UniformStart", "NoStart", "StripeStart", "DiverseStart", "GaussianStart", "AttackStart",
     "StartsByRestart", "linearised_distance", "boxed_l1_distance", "RandomSquares",
     "WindowSchedule", "square",

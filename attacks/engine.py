@@ -226,6 +226,54 @@ class MinDistance:
 
 
 Tracking = Evasion | Maximize | FinalIterate | MinDistance
+
+
+@dataclass(frozen=True)
+class Stall:
+    """The early end of a run that is far from the boundary and not getting nearer
+    (docs/methods.md, "Runs that stall"): at step ``s`` of the tracked stage (from ``start``·K, then
+    every ``every``·K, of its K steps), a row the run has not broken stops, and the example goes on to
+    its next run, when
+
+        r̂(s) < −floor   and   r̂(s) + factor · (r̂(s) − r̂(s − W)) / W · (K − s) < 0,   W = ``window``·K,
+
+    where ``r̂(s)`` is the highest *relative margin* ``r = (max_{j≠y} z_j − z_y) / (z₍₁₎ − z₍₃₎)`` its
+    iterates reached up to step ``s`` (the untargeted margin over the spread of the top three logits:
+    scale-free like DLR, 0 on the boundary). It says: the run is still far from the boundary, and at
+    ``factor`` times the pace of its last ``W`` steps it would end short of it. A run within ``floor`` of
+    the boundary always takes every step: runs there were measured flat for 40 to 70 steps, while APGD's
+    step size was too large, and then breaking (benchmarks/RESULTS.md). Each decision uses the row's own
+    iterates only, so a run's records do not depend on the batch, its order or the compaction cadence;
+    a stopped row keeps its best point and the steps it took."""
+
+    start: float = 0.4
+    window: float = 0.2
+    every: float = 0.1
+    factor: float = 5.0
+    floor: float = 0.5
+
+    def __post_init__(self):
+        if not (0 < self.window <= self.start < 1) or not (0 < self.every < 1) or \
+                not (self.factor > 0 and math.isfinite(self.factor)) or \
+                not (self.floor >= 0 and math.isfinite(self.floor)):
+            raise ValueError(f"a stall rule needs 0 < window ≤ start < 1, 0 < every < 1, a finite factor > 0 "
+                             f"and a finite floor ≥ 0, got {self!r}")
+
+    def checkpoints(self, steps: int) -> tuple[int, set[int]]:
+        """``(W, decision steps)`` for a tracked stage of ``steps`` steps (none when it is too short to
+        have a window)."""
+        w, first, every = (max(1, round(f * steps)) for f in (self.window, self.start, self.every))
+        if steps < 5 or first >= steps:
+            return w, set()
+        return w, set(range(first, steps, every))
+
+    @staticmethod
+    def relative_margin(z: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """``margin / (z₍₁₎ − z₍₃₎)`` per row (the lowest logit for fewer than 3 classes)."""
+        top = z.float().topk(min(3, z.shape[1]), dim=1).values
+        return margin.float() / (top[:, 0] - top[:, -1]).clamp_min(1e-12)
+
+
 _STARTS = (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart, AttackStart)
 # --------------------------------------------------------------------------------------------- attack
 
@@ -259,6 +307,8 @@ class Attack:
     #: ``steps`` in the ε-ball from the last stage's point projected onto it (``()``: none). APGD's L1 form
     #: in AutoAttack anneals 3ε → 2ε → ε over 30/30/40% (Croce & Hein 2021); docs/methods.md.
     anneal: tuple = field(default=(), metadata={"omit_default": True})
+    #: The early end of runs that stall (:class:`Stall`; ``None``: every run takes all its steps).
+    stall: Stall | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
@@ -270,6 +320,11 @@ class Attack:
         starts = self.start.starts if isinstance(self.start, StartsByRestart) else (self.start,)
         if not all(isinstance(s, _STARTS) for s in starts):
             raise ValueError(f"start must be a start policy, got {self.start!r}")
+        if self.stall is not None and not isinstance(self.stall, Stall):
+            raise ValueError(f"stall must be a Stall rule or None, got {self.stall!r}")
+        if self.stall is not None and not isinstance(self.tracking, Evasion):
+            raise ValueError("a stall rule ends runs that cannot break an example: it needs Evasion() "
+                             "tracking")
         if any(isinstance(s, AttackStart) and not isinstance(s.attack, Attack) for s in starts):
             raise ValueError("an attack start needs an Attack")
         if not isinstance(self.tracking, (Evasion, Maximize, FinalIterate, MinDistance)):
@@ -421,13 +476,15 @@ class _Rows:
     state: object
     best: _Best
     run: int | torch.Tensor  # the run index (per row when runs are tiled)
+    peaks: torch.Tensor | None = None  # [rows, steps + 1]: the highest relative margin so far (Stall)
 
     def keep(self, keep: torch.Tensor) -> _Rows:
         return _Rows(self.act[keep], self.xs[keep], self.ys[keep], self.x[keep],
                      (self.box[0][keep], self.box[1][keep]), {k: v[keep] for k, v in self.aux.items()},
                      None if self.target is None else self.target[keep], select(self.state, keep),
                      self.best.select(keep),
-                     self.run[keep] if isinstance(self.run, torch.Tensor) else self.run)
+                     self.run[keep] if isinstance(self.run, torch.Tensor) else self.run,
+                     None if self.peaks is None else self.peaks[keep])
 
 
 #: Compaction cadence on a GPU: deciding whether any row was solved is a host synchronisation.
@@ -633,6 +690,10 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     else:
         (threat, steps), tracking = stage, _stage_tracking(opt)
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
+    stall = attack.stall if stage is None else None
+    window, decide = stall.checkpoints(steps) if stall is not None else (0, set())
+    if decide:
+        rows.peaks = torch.full((rows.act.numel(), steps + 1), -math.inf, device=rows.x.device)
     for step in range(steps + 1):
         last = step == steps
         grad_on = opt.uses_gradient and not last
@@ -657,6 +718,23 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         tracking.observe(rows.best, it, last)
         if last:
             break
+        if decide:
+            r = Stall.relative_margin(z, margin)
+            rows.peaks[:, step] = r if step == 0 else torch.maximum(rows.peaks[:, step - 1], r)
+            if step in decide:
+                top = rows.peaks[:, step]
+                pace = (top - rows.peaks[:, step - window]) / window
+                stop = ~rows.best.success & (top < -stall.floor) & \
+                    (top + stall.factor * pace * (steps - step) < 0)
+                if bool(stop.any()):  # a host synchronisation at each decision step only
+                    best.scatter(rows.act, rows.best, stop)
+                    kept = (~stop).nonzero()[:, 0]
+                    rows = rows.keep(kept)
+                    if rows.act.numel() == 0:
+                        break
+                    live, val = live[kept], val[kept]
+                    grad = grad[kept] if grad is not None else None
+                    it = replace(it, x=it.x[kept])
         rows.best.steps += live.long()
         lr = attack.schedule(step, steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)

@@ -37,7 +37,7 @@ from dataclasses import replace
 from typing import Callable
 
 from . import objectives as O
-from .engine import Attack, Evasion, FinalIterate, Maximize, MinDistance
+from .engine import Attack, Evasion, FinalIterate, Maximize, MinDistance, Stall
 from .optimizers import APGD, Adam, Hyperplane, MinNorm, Sign, adam, apgd, sign
 from .schedules import Cosine, Piecewise, constant, paper_decay
 from .square import RandomSquares, RandomSquaresL1, RandomSquaresL2, WindowSchedule
@@ -318,12 +318,16 @@ BATTERIES: dict[str, Members | dict[str, Members]] = {
     # v8: v7's members, then apgd-t-margin on the survivors nearest the boundary (GATES)
     "standard-v8": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
                     "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin")},
+    # v9: v8's members and gates; the runs of the APGD members between the first pass and the near round
+    # end early when they stall (FORMS)
+    "standard-v9": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
+                    "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin")},
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
     # a minimum-norm member searches every example, not only the survivors of the one before it
     "min-norm": ("min-norm-untargeted", "min-norm-targeted"),
 }
-#: The version ``standard`` stands for: a number is quoted as "robusteval standard v8".
-STANDARD = "standard-v8"
+#: The version ``standard`` stands for: a number is quoted as "robusteval standard v9".
+STANDARD = "standard-v9"
 BATTERIES["standard"] = BATTERIES[STANDARD]
 #: Radius annealing of the L1 members of ``standard-v4``: 30% of the steps in the 3ε ball, 30% in 2ε,
 #: the rest in the ε-ball (:attr:`Attack.anneal`).
@@ -372,9 +376,29 @@ def _v6(atk: Attack) -> Attack:
     return atk
 
 
+#: ``standard-v9``'s rule for runs that stall (:class:`~attacks.engine.Stall`, its defaults).
+STALL = Stall()
+#: The members of ``standard-v9`` whose runs end when they stall: the APGD members between the first pass
+#: and the near-miss round. The near round keeps every step: it runs only on survivors the score puts
+#: next to the boundary, and its breaks were measured late in late runs (an example broken at step 64
+#: of its twentieth run was lost when its runs could stop; benchmarks/RESULTS.md).
+STALLING = ("apgd-t", "apgd-dlr-odi", "apgd-ce-odi")
+
+
+def _v9(atk: Attack) -> Attack:
+    """``standard-v9``'s form of a member: v6's, and the members of :data:`STALLING` end a run at the
+    :data:`STALL` rule: a run still far from the boundary (relative margin below −0.5) that would not
+    reach it even at five times its recent pace stops, and the example goes on to its next run
+    (docs/methods.md, "Runs that stall"). The first pass keeps every step (its best points score the
+    survivors for the gates), and so do fab-t and the near-miss round."""
+    atk = _v6(atk)
+    return atk.replace(stall=STALL) if atk.name in STALLING else atk
+
+
 #: Per battery, the form its members take (applied after any budget override).
 FORMS: dict[str, Callable[[Attack], Attack]] = {"standard-v4": _l1_annealed, "standard-v5": _l1_v5,
-                                                "standard-v6": _v6, "standard-v7": _v6, "standard-v8": _v6}
+                                                "standard-v6": _v6, "standard-v7": _v6, "standard-v8": _v6,
+                                                "standard-v9": _v9}
 FORMS["standard"] = FORMS[STANDARD]
 #: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
 #: survivor skips that member. Every member before a gated one scores its survivors at the best point
@@ -402,6 +426,7 @@ GATES: dict[str, Gates | dict[str, Gates]] = {
     "standard-v6": {"l2": (None, None, 0.5, 0.25, None), "*": (None, 1.0, 0.5, 0.25)},
     "standard-v7": {"l2": (None, 2.0, 0.5, 0.25, 1.0), "*": (None, 1.0, 0.5, 0.25)},
     "standard-v8": {"l2": (None, 2.0, 0.5, 0.25, 1.0, NEAR), "*": (None, 1.0, 0.5, 0.25, NEAR)},
+    "standard-v9": {"l2": (None, 2.0, 0.5, 0.25, 1.0, NEAR), "*": (None, 1.0, 0.5, 0.25, NEAR)},
 }
 GATES["standard"] = GATES[STANDARD]
 
@@ -495,7 +520,8 @@ _CONFIG_TYPES = {c.__name__: c for c in (Attack, O.Margin, O.CrossEntropy, O.Tar
                                          Piecewise, LinfBall, L2Ball, L1Ball, Cosine, MinNorm, MinDistance,
                                          Hyperplane, RandomSquaresL2, RandomSquaresL1,
                                          Untargeted, RandomTarget, RankedTargets, Evasion, Maximize,
-                                         FinalIterate, UniformStart, NoStart, StripeStart, DiverseStart,
+                                         FinalIterate, Stall, UniformStart,
+                                         NoStart, StripeStart, DiverseStart,
                                          GaussianStart, AttackStart, StartsByRestart,
                                          RandomSquares,
                                          WindowSchedule)}

@@ -116,7 +116,8 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 
 _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
-               "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin"]
+               "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin",
+               "v9 apgd-dlr-odi"]
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
@@ -413,9 +414,8 @@ def test_v7_is_v6_with_looser_l2_gates_on_apgd_t_and_fab_t():
 def test_v8_is_v7_then_apgd_t_margin_on_the_survivors_nearest_the_boundary(norm, eps):
     from robusteval.evaluation import build_battery
 
-    assert attacks.presets.STANDARD == "standard-v8"
     threat = attacks.threat_of(eps, norm=norm)
-    v8, v7 = build_battery(["standard"], threat), build_battery(["standard-v7"], threat)
+    v8, v7 = build_battery(["standard-v8"], threat), build_battery(["standard-v7"], threat)
     assert v8.members[:-1] == v7.members  # v7's members, configured alike, in the same order
     assert v8.gates == (*v7.gates, attacks.presets.NEAR)
     last, targeted = v8.members[-1], v7.members[1]
@@ -425,6 +425,20 @@ def test_v8_is_v7_then_apgd_t_margin_on_the_survivors_nearest_the_boundary(norm,
     assert last.restarts == 3
     # v7's last member now scores its survivors too: the near round's gate reads the smallest score
     assert [v8.scores(a) for a in v8.members] == [True] * (len(v8.members) - 1) + [False]
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v9_is_v8_with_the_stall_rule_on_the_members_between_the_first_pass_and_the_near_round(norm, eps):
+    from robusteval.evaluation import build_battery
+
+    assert attacks.presets.STANDARD == "standard-v9"
+    threat = attacks.threat_of(eps, norm=norm)
+    v9, v8 = build_battery(["standard"], threat), build_battery(["standard-v8"], threat)
+    assert v9.gates == v8.gates and [a.name for a in v9.members] == [a.name for a in v8.members]
+    for new, old in zip(v9.members, v8.members, strict=True):
+        stalls = new.name in ("apgd-t", "apgd-dlr-odi", "apgd-ce-odi")  # not apgd-ce, fab-t, apgd-t-margin
+        assert new == (old.replace(stall=attacks.presets.STALL) if stalls else old), new.name
+        assert [v9.scores(a) for a in v9.members] == [v8.scores(a) for a in v8.members]
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():

@@ -391,3 +391,84 @@ def test_tiled_restarts_give_the_sequential_result(preset):
                                        equal_nan=True, msg=f"{field}, tile={tile}, compact={compact}")
         if tile == 4:
             assert tiled.forward_rows > seq.forward_rows  # all four runs did go side by side
+
+
+# -------------------------------------------------------------------------------- runs that stall
+
+
+class Flat(nn.Module):
+    """Logits that barely move in the ball: class 0 leads by 1 everywhere, so no run can make progress."""
+
+    def forward(self, x):
+        v = 1e-6 * x.flatten(1).sum(1, keepdim=True)
+        return torch.cat([1.0 + v, v, -v, 0 * v], 1)
+
+
+def test_stall_rule_is_validated_and_round_trips():
+    for bad in ({"start": 0.1, "window": 0.2}, {"start": 1.0}, {"every": 0.0}, {"factor": 0.0},
+                {"factor": float("inf")}, {"floor": -0.1}, {"floor": float("nan")}):
+        with pytest.raises(ValueError, match="stall rule"):
+            attacks.Stall(**bad)
+    atk = attacks.presets.FORMS["standard-v9"](attacks.get("apgd-dlr-odi", 0.1))
+    assert atk.stall == attacks.presets.STALL and "stall=Stall(" in atk.config()
+    assert attacks.from_config(atk.config()) == atk
+    assert "stall" not in attacks.get("apgd-dlr-odi", 0.1).config()  # earlier configurations keep their text
+    with pytest.raises(ValueError, match="Evasion"):
+        attacks.get("local-linearity", 0.1).replace(stall=attacks.Stall())
+    assert attacks.Stall().checkpoints(100) == (20, set(range(40, 100, 10)))
+    assert attacks.Stall().checkpoints(3) == (1, set())  # too short to judge: every step is taken
+
+
+def test_a_run_that_cannot_progress_stops_at_the_first_decision_and_keeps_its_point():
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(5, dtype=torch.long)
+    atk = attacks.get("apgd-dlr-odi", 0.1, steps=50, restarts=3)
+    full = attacks.run(atk, Flat().eval(), x, y, seed=0)
+    stalled = attacks.run(atk.replace(stall=attacks.Stall()), Flat().eval(), x, y, seed=0)
+    assert torch.equal(full.steps, torch.full((5,), 3 * 50))
+    assert torch.equal(stalled.steps, torch.full((5,), 3 * 20))  # each run ends at step 0.4 · 50
+    assert not stalled.success.any() and bool(atk.threat.contains(stalled.x_adv, x).all())
+
+
+@pytest.mark.parametrize("name", ["apgd-t", "apgd-dlr-odi", "apgd-t-margin"])
+def test_stalled_runs_lose_no_example_of_the_exact_linear_optimum(name):
+    """On a linear model every run that can break its example climbs to it; the runs whose best corner
+    is not adversarial level off below the boundary, and the far ones stop early. With the stall rule a
+    member breaks exactly the examples whose exact L∞ optimum is misclassified, in fewer steps."""
+    eps = 0.1
+    model, x, y, best = _linear_case(80, 12, 4, eps, seed=7)
+    v8 = attacks.presets.FORMS["standard-v8"](attacks.get(name, eps))
+    v9 = v8.replace(stall=attacks.presets.STALL)
+    assert attacks.presets.FORMS["standard-v9"](attacks.get(name, eps)) == \
+        (v9 if name in attacks.presets.STALLING else v8)
+    a, b = (attacks.run(atk, model, x, y, seed=0) for atk in (v8, v9))
+    clear = best.abs() > 1e-3
+    assert torch.equal(b.success[clear], (best > 0)[clear]) and torch.equal(b.success, a.success)
+    assert int(b.steps[~b.success].sum()) < int(a.steps[~a.success].sum())
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.5), ("l1", 8.0)])
+def test_stall_decisions_are_per_example_whatever_the_batch_order_cadence_or_tiling(norm, eps):
+    model = RowWise(load_model("zoo:fmnist-adv2").model.eval()).eval()
+    ds = load_dataset("fashion-mnist", n=40)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
+    atk = attacks.presets.FORMS["standard-v9"](attacks.get("apgd-dlr-odi", eps, norm=norm, steps=20,
+                                                           restarts=2))
+    ref = attacks.run(atk, model, x, y, ids=ids, seed=1)
+    full = attacks.run(atk.replace(stall=None), model, x, y, ids=ids, seed=1)
+    assert ref.success.any() and not ref.success.all()
+    assert int(ref.steps.sum()) < int(full.steps.sum())  # some runs did stop early
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    runs = [attacks.run(atk, model, x[perm], y[perm], ids=ids[perm], seed=1),
+            attacks.run(atk, model, x[perm[:13]], y[perm[:13]], ids=ids[perm[:13]], seed=1),
+            attacks.run(atk, model, x, y, ids=ids, seed=1, compact=4),
+            attacks.run(atk, model, x, y, ids=ids, seed=1, tile=2)]
+    for k, (res, order) in enumerate(zip(runs, (perm, perm[:13], None, None), strict=True)):
+        want = ref if order is None else _take(ref, order)
+        for field in ("x_adv", "success", "steps", "run", "margin"):
+            assert torch.equal(getattr(res, field), getattr(want, field)), (k, field)
+
+
+def _take(res, order):
+    return type(res)(**{f: (getattr(res, f)[order] if isinstance(getattr(res, f), torch.Tensor) and
+                            getattr(res, f).ndim else getattr(res, f)) for f in res.__dataclass_fields__})

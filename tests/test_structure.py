@@ -48,12 +48,15 @@ def test_attack_config_is_stable_and_round_trips(name):
     assert not re.search(r"0x[0-9a-f]+", text)  # no memory address: the same string in every run
     assert attacks.from_config(text) == atk
     if name != "local-linearity":  # no function field: the stable form is the plain repr
-        # draws=1, anneal=() and MinNorm's direction='l2' (the defaults of fields added later) are not
-        # written, at the top level or in a nested attack (a start from another attack's point)
-        shown = [f for f in atk.__dataclass_fields__
-                 if f != "draws" and not (f == "anneal" and atk.anneal == ())]  # fab-t anneals
+        # draws=1, anneal=(), stall=None and MinNorm's direction='l2' (the defaults of fields added later)
+        # are not written, at the top level or in a nested attack (a start from another attack's point)
+        shown = [f for f in atk.__dataclass_fields__ if f != "draws" and f != "stall"
+                 and not (f == "anneal" and atk.anneal == ())]  # fab-t anneals
         plain = ", ".join(f"{f}={getattr(atk, f)!r}" for f in shown)
-        assert text == plain.replace(", direction='l2')", ")").replace(", draws=1, anneal=())", ")")
+        nested = plain.replace(", direction='l2')", ")").replace(", draws=1, anneal=(), stall=None)", ")")
+        assert text == nested
+    stalled = atk.replace(stall=attacks.Stall()) if isinstance(atk.tracking, attacks.Evasion) else atk
+    assert attacks.from_config(stalled.config()) == stalled
     assert attacks.from_config(atk.replace(draws=8).config()) == atk.replace(draws=8)
     if atk.optimizer.uses_gradient:
         annealed = atk.replace(anneal=((3.0, 0.3), (2.0, 0.3)))
