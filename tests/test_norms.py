@@ -438,7 +438,7 @@ def test_v9_is_v8_with_the_stall_rule_on_the_members_between_the_first_pass_and_
     for new, old in zip(v9.members, v8.members, strict=True):
         stalls = new.name in ("apgd-t", "apgd-dlr-odi", "apgd-ce-odi")  # not apgd-ce, fab-t, apgd-t-margin
         assert new == (old.replace(stall=attacks.presets.STALL) if stalls else old), new.name
-        assert [v9.scores(a) for a in v9.members] == [v8.scores(a) for a in v8.members]
+    assert [v9.scores(a) for a in v9.members] == [v8.scores(a) for a in v8.members]
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():
