@@ -309,6 +309,12 @@ class Attack:
     anneal: tuple = field(default=(), metadata={"omit_default": True})
     #: The early end of runs that stall (:class:`Stall`; ``None``: every run takes all its steps).
     stall: Stall | None = field(default=None, metadata={"omit_default": True})
+    #: Probes during radius annealing: every ``probe`` steps of an annealing stage (from its first point
+    #: to its last), each row's iterate projected onto the ε-ball ∩ box is evaluated, and a row whose
+    #: projection is misclassified ends its run there with that point (``0``: no probes). A probe never
+    #: changes a row's iterates, so the rows it does not end run exactly as without it
+    #: (docs/methods.md, "Radius annealing").
+    probe: int = field(default=0, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
@@ -340,14 +346,21 @@ class Attack:
         if self.anneal:
             if not self.optimizer.uses_gradient:
                 raise ValueError("radius annealing is for gradient attacks")
-            if any(not (m >= 1 and math.isfinite(m)) or not (0 < f < 1) for m, f in self.anneal) or \
-                    sum(f for _, f in self.anneal) >= 1:
-                raise ValueError("anneal stages need multiples ≥ 1 and shares in (0, 1) that sum to less "
-                                 f"than 1, got {self.anneal!r}")
+            if any(not (m >= 1 and math.isfinite(m)) or not (0 < f <= 1) for m, f in self.anneal) or \
+                    sum(f for _, f in self.anneal) > 1:
+                raise ValueError("anneal stages need multiples ≥ 1 and shares in (0, 1] that sum to at most "
+                                 f"1, got {self.anneal!r}")
+        if not isinstance(self.probe, int) or isinstance(self.probe, bool) or self.probe < 0:
+            raise ValueError(f"probe must be an integer ≥ 0, got {self.probe!r}")
+        if self.probe and (not self.anneal or not isinstance(self.tracking, Evasion)):
+            raise ValueError("probes evaluate the ε-ball's projection of annealing-stage iterates: they need "
+                             "radius annealing (anneal) and Evasion() tracking")
 
     def stages(self) -> list[tuple[float, int]]:
         """The annealing stages that take steps, as ``(multiple, steps)``, then ``(1.0, rest)``: the
-        tracked stage in the ε-ball (all ``steps`` when there is no annealing)."""
+        tracked stage in the ε-ball (all ``steps`` when there is no annealing; none when the shares sum
+        to 1, and then the tracked stage only evaluates the last stage's point projected onto the
+        ε-ball)."""
         warm = [(float(m), int(f * self.steps)) for m, f in self.anneal]
         warm = [(m, k) for m, k in warm if k > 0]
         return [*warm, (1.0, self.steps - sum(k for _, k in warm))]
@@ -618,9 +631,11 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     target = None if tgts[0] is None else torch.cat(tgts)
     index_of_run = js[0] if len(js) == 1 else \
         torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
+    alive, found, taken = torch.arange(len(xs), device=x.device), [], 0
     for i, (multiple, steps) in enumerate(warm):
         # an annealing stage (Attack.anneal): the same loop in a larger ball, untracked (its points are
-        # outside the threat set); the next stage starts from its highest-objective point
+        # outside the threat set); the next stage starts from its highest-objective point. With probes,
+        # rows whose ε-ball projection a probe found misclassified leave (``found``) and skip the rest
         threat = _scaled(attack.threat, multiple)
         stage_box = threat.box(xs)
         state = attack.optimizer.init(start, gens, steps=steps, box=stage_box, threat=threat, center=xs,
@@ -628,10 +643,25 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
         z = z0[rep]
         rows = _Rows(torch.arange(len(xs), device=x.device), xs, y[rep], start, stage_box, aux, target, state,
                      _Best.initial(start, z, margin_of(z, y[rep]), evades=False), index_of_run)
-        start = _ascend(attack, model, rows, 0, None, counter, low, stage=(threat, steps)).best.x
+        if alive.numel() < len(xs):
+            rows = rows.keep(alive)
+        probe = (box, found, taken) if attack.probe else None
+        rows = _ascend(attack, model, rows, 0, None, counter, low, stage=(threat, steps), probe=probe)
+        start = start.index_copy(0, rows.act, rows.best.x)
+        alive, taken = rows.act, taken + steps
+        if alive.numel() == 0:
+            break
     if warm:
         start = attack.threat.project(start, xs, box)
         local.steps += sum(k for _, k in warm)
+    for pos, point, z, val, margin, step in found:  # success at a probe: the run ends there for the row
+        local.x[pos], local.logits[pos], local.value[pos] = point, z, val
+        local.margin[pos], local.score[pos], local.success[pos] = margin, margin, True
+        local.run[pos] = index_of_run[pos] if isinstance(index_of_run, torch.Tensor) else index_of_run
+        if target is not None:
+            local.target[pos] = target[pos]
+        local.steps[pos] = step
+        start[pos] = point
     state = attack.optimizer.init(start, gens, steps=final, box=box, threat=attack.threat, center=xs,
                                   resumed=bool(warm))
     return _Rows(index, xs, y[rep], start, box, aux, target, state, local, index_of_run)
@@ -671,7 +701,7 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
 
 
 def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter: dict,
-            low: torch.dtype | None = None, stage=None) -> _Rows:
+            low: torch.dtype | None = None, stage=None, probe=None) -> _Rows:
     """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked.
 
     Solved rows leave the batch every ``every`` steps (0: never); until then they keep stepping, but
@@ -682,7 +712,10 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     ``stage=(threat, steps)``: an annealing stage in that larger ball — the highest objective is kept
     (``Maximize``; the nearest adversarial iterate for a minimum-norm step rule, :func:`_stage_tracking`),
     nothing decides success, and its points are nobody's result (outside the threat set, so their logits
-    are not checked either); pass ``every=0``.
+    are not checked either); pass ``every=0``. ``probe=(box, found, taken)`` in such a stage: every
+    ``attack.probe`` steps the rows' iterates projected onto the ε-ball ∩ ``box`` are evaluated in fp32
+    (:func:`_probe`); a misclassified projection is appended to ``found`` and its row leaves the stage
+    (``taken``: the steps of the stages before this one).
     """
     obj, opt = attack.objective, attack.optimizer
     if stage is None:  # the tracked stage (all the steps without annealing)
@@ -692,6 +725,12 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
     stall = attack.stall if stage is None else None
     window, decide = stall.checkpoints(steps) if stall is not None else (0, set())
+    if stage is None and attack.probe and every and getattr(tracking, "compacts", tracking.evades) and \
+            bool(rows.best.success.any()):  # rows a probe of the annealing stages broke: done already
+        best.scatter(rows.act, rows.best, rows.best.success)
+        rows = rows.keep((~rows.best.success).nonzero()[:, 0])
+        if rows.act.numel() == 0:
+            return rows
     if decide:
         rows.peaks = torch.full((rows.act.numel(), steps + 1), -math.inf, device=rows.x.device)
     for step in range(steps + 1):
@@ -716,6 +755,12 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         dist = threat.distance(leaf.detach(), rows.xs) if getattr(tracking, "needs_distance", False) else None
         it = _Iterate(leaf.detach(), z, val, margin, rows.run, rows.target, dist)
         tracking.observe(rows.best, it, last)
+        if probe is not None and step % attack.probe == 0:
+            hit = _probe(attack, model, rows, it.x, probe, counter, step)
+            if hit is not None:
+                rows, live, val, grad, it = _drop(rows, hit, live, val, grad, it)
+                if rows.act.numel() == 0:
+                    break
         if last:
             break
         if decide:
@@ -728,13 +773,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
                     (top + stall.factor * pace * (steps - step) < 0)
                 if bool(stop.any()):  # a host synchronisation at each decision step only
                     best.scatter(rows.act, rows.best, stop)
-                    kept = (~stop).nonzero()[:, 0]
-                    rows = rows.keep(kept)
+                    rows, live, val, grad, it = _drop(rows, stop, live, val, grad, it)
                     if rows.act.numel() == 0:
                         break
-                    live, val = live[kept], val[kept]
-                    grad = grad[kept] if grad is not None else None
-                    it = replace(it, x=it.x[kept])
         rows.best.steps += live.long()
         lr = attack.schedule(step, steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
@@ -747,6 +788,33 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
                 if rows.act.numel() == 0:
                     break
     return rows
+
+
+def _drop(rows: _Rows, gone: torch.Tensor, live, val, grad, it: _Iterate):
+    """``rows`` without those where ``gone``, and this step's per-row values (``live``, the objective, the
+    gradient, the iterate) kept in line with them."""
+    kept = (~gone).nonzero()[:, 0]
+    return (rows.keep(kept), live[kept], val[kept], grad[kept] if grad is not None else None,
+            replace(it, x=it.x[kept]))
+
+
+def _probe(attack: Attack, model, rows: _Rows, x: torch.Tensor, probe, counter: dict, step: int):
+    """Evaluate in fp32 the ε-ball ∩ box projections of an annealing stage's iterates ``x``; record the
+    misclassified ones in ``found`` as ``(rows, points, logits, objective, margin, steps taken)`` and
+    return which rows they are (``None`` when none is)."""
+    box, found, taken = probe
+    point = attack.threat.project(x, rows.xs, (box[0][rows.act], box[1][rows.act]))
+    data = rows.aux if rows.target is None else {**rows.aux, "target": rows.target}
+    with torch.no_grad():
+        z, val = eot_value(attack.objective, model, point, rows.xs, rows.ys, data, attack.draws)
+        margin = attack.objective.untargeted_margin(z, rows.ys, val)
+    counter["rows"] += rows.act.numel() * attack.draws
+    hit = margin > 0
+    if not bool(hit.any()):  # a host synchronisation at each probe only
+        return None
+    idx = hit.nonzero()[:, 0]
+    found.append((rows.act[idx], point[idx], z[idx], val[idx], margin[idx], taken + step))
+    return hit
 
 
 def _stage_tracking(opt):

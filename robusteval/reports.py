@@ -240,21 +240,28 @@ def _annealing(df: pd.DataFrame) -> str:
     import attacks
 
     by_stages: dict[tuple, list[str]] = {}
+    probes: dict[str, int] = {}
     for name, cfg in df[["attack", "attack_config"]].astype(str).drop_duplicates().itertuples(index=False):
         if "anneal=((" not in cfg:
             continue
         try:
-            stages = attacks.from_config(cfg).anneal
+            atk = attacks.from_config(cfg)
         except (ValueError, TypeError, SyntaxError):
             continue
-        if stages and name not in by_stages.setdefault(tuple(stages), []):
-            by_stages[tuple(stages)].append(name)
+        if atk.anneal and name not in by_stages.setdefault(tuple(atk.anneal), []):
+            by_stages[tuple(atk.anneal)].append(name)
+        if atk.probe:
+            probes[name] = atk.probe
     parts = []
     for stages, names in by_stages.items():
         spent = " and ".join(f"{round(100 * share)}% in the {multiple:g}ε ball" for multiple, share in stages)
         whose = "their" if len(names) > 1 else "its"
         parts.append(f"{', '.join(names)} spent " + spent.replace("% in", f"% of {whose} steps in", 1))
-    return ", ".join(parts)
+    text = ", ".join(parts)
+    if probes:
+        text += " (" + ", ".join(f"{name} checked its point projected onto the ε-ball every {k} of those "
+                                 "steps" for name, k in probes.items()) + ")"
+    return text
 
 
 def mode_note(df: pd.DataFrame) -> str:

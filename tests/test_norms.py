@@ -117,7 +117,7 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
                "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin",
-               "v9 apgd-dlr-odi"]
+               "v9 apgd-dlr-odi", "v10 apgd-ce"]
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
@@ -144,17 +144,19 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
 
 
 @pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1)])
-def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(norm, dual):
+@pytest.mark.parametrize("form", ["standard-v9", "standard-v10"])
+def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(norm, dual, form):
     """On a binary linear model an example can be broken within ε iff its exact distance to the boundary
     is at most ε (box inactive): FAB's first step lands on the boundary (times η), so fab-t breaks every
-    example inside the radius and, its points being feasible, none outside."""
+    example inside the radius and, its points being feasible, none outside; v10's fab-t, which only
+    evaluates its search's point projected onto the ε-ball, breaks the same examples."""
     w = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 10
     model = Linear(w).eval()
     x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
     y = model(x).argmax(1)
     exact = (x @ w - 0.5 * w.sum()).abs() / torch.linalg.vector_norm(w, ord=dual)
     eps = float(exact.median())
-    atk = attacks.get("fab-t", eps, norm=norm)
+    atk = attacks.presets.FORMS[form](attacks.get("fab-t", eps, norm=norm))
     res = attacks.run(atk, model, x, y, seed=0)
     assert bool(atk.threat.contains(res.x_adv, x).all())
     clear = (exact - eps).abs() > 0.02 * eps  # away from the radius itself
@@ -431,14 +433,35 @@ def test_v8_is_v7_then_apgd_t_margin_on_the_survivors_nearest_the_boundary(norm,
 def test_v9_is_v8_with_the_stall_rule_on_the_members_between_the_first_pass_and_the_near_round(norm, eps):
     from robusteval.evaluation import build_battery
 
-    assert attacks.presets.STANDARD == "standard-v9"
     threat = attacks.threat_of(eps, norm=norm)
-    v9, v8 = build_battery(["standard"], threat), build_battery(["standard-v8"], threat)
+    v9, v8 = build_battery(["standard-v9"], threat), build_battery(["standard-v8"], threat)
     assert v9.gates == v8.gates and [a.name for a in v9.members] == [a.name for a in v8.members]
     for new, old in zip(v9.members, v8.members, strict=True):
         stalls = new.name in ("apgd-t", "apgd-dlr-odi", "apgd-ce-odi")  # not apgd-ce, fab-t, apgd-t-margin
         assert new == (old.replace(stall=attacks.presets.STALL) if stalls else old), new.name
     assert [v9.scores(a) for a in v9.members] == [v8.scores(a) for a in v8.members]
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v10_is_v9_with_fab_t_ending_at_its_search_and_the_l1_first_pass_probed(norm, eps):
+    from robusteval.evaluation import Budget, build_battery
+
+    assert attacks.presets.STANDARD == "standard-v10"
+    threat = attacks.threat_of(eps, norm=norm)
+    v10, v9 = build_battery(["standard"], threat), build_battery(["standard-v9"], threat)
+    assert v10.gates == v9.gates and [a.name for a in v10.members] == [a.name for a in v9.members]
+    for new, old in zip(v10.members, v9.members, strict=True):
+        if new.name == "fab-t":  # the search's 80 steps, then only its point projected onto the ε-ball
+            assert new == old.replace(steps=80, anneal=((10.0, 1.0),))
+            assert new.stages() == [(10.0, 80), (1.0, 0)]
+        elif new.name == "apgd-ce" and norm == "l1":
+            assert new == old.replace(probe=attacks.presets.PROBE)
+        else:
+            assert new == old, new.name
+    assert [v10.scores(a) for a in v10.members] == [v9.scores(a) for a in v9.members]
+    # a budget override keeps fab-t's share: its search gets 80% of the steps given
+    short = build_battery(["standard"], threat, budget=Budget(steps=50))
+    assert [a.steps for a in short.members if a.name == "fab-t"] == ([40] if norm == "l2" else [])
 
 
 def test_gaussian_start_is_a_sparse_point_on_the_l1_boundary():
@@ -664,7 +687,7 @@ def test_the_report_says_a_minimum_norm_member_searched_every_example():
 def test_the_report_describes_each_annealed_attack_from_its_stored_configuration():
     ok = {"status": "attacked", "clean_correct": True, "robust": False, "success": True, "mode": "skip",
           "model": "m", "dataset": "d", "norm": "l2", "eps": 2.0, "example_id": 0}
-    l1 = attacks.presets.FORMS["standard"]
+    l1 = attacks.presets.FORMS["standard-v9"]
     built = [l1(attacks.get("apgd-ce", 5.0, norm="l1")), l1(attacks.get("apgd-t", 5.0, norm="l1")),
              attacks.get("fab-t", 2.0, norm="l2"), attacks.get("apgd-dlr", 2.0, norm="l2")]
     rows = [{**ok, "attack": a.name, "attack_config": a.config()} for a in built]
@@ -674,5 +697,10 @@ def test_the_report_describes_each_annealed_attack_from_its_stored_configuration
     assert ("radius annealed (docs/methods.md, \"Radius annealing\"): apgd-ce, apgd-t spent 30% of their "
             "steps in the 3ε ball and 30% in the 2ε ball, fab-t spent 80% of its steps in the 10ε ball "
             "before the ε-ball") in note
-    assert "apgd-dlr" not in note and "broken" not in note
+    assert "apgd-dlr" not in note and "broken" not in note and "projected" not in note
     assert "radius annealed" not in reports.mode_note(pd.DataFrame(rows[3:4]))
+    probed = attacks.presets.FORMS["standard-v10"](attacks.get("apgd-ce", 5.0, norm="l1"))
+    row = {**ok, "attack": probed.name, "attack_config": probed.config()}
+    assert ("apgd-ce spent 30% of its steps in the 3ε ball and 30% in the 2ε ball (apgd-ce checked its point "
+            "projected onto the ε-ball every 10 of those steps) before the ε-ball") in \
+        reports.mode_note(pd.DataFrame([row]))

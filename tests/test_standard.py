@@ -472,3 +472,58 @@ def test_stall_decisions_are_per_example_whatever_the_batch_order_cadence_or_til
 def _take(res, order):
     return type(res)(**{f: (getattr(res, f)[order] if isinstance(getattr(res, f), torch.Tensor) and
                             getattr(res, f).ndim else getattr(res, f)) for f in res.__dataclass_fields__})
+
+
+def test_probe_is_validated_and_round_trips():
+    l1 = attacks.presets.FORMS["standard-v10"](attacks.get("apgd-ce", 8.0, norm="l1"))
+    assert l1.probe == attacks.presets.PROBE and "probe=10" in l1.config()
+    assert attacks.from_config(l1.config()) == l1
+    assert "probe" not in attacks.get("apgd-ce", 8.0, norm="l1").config()  # earlier configurations keep text
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="probe must be"):
+            l1.replace(probe=bad)
+    with pytest.raises(ValueError, match="radius annealing"):  # nothing to probe without annealing stages
+        attacks.get("apgd-ce", 0.1).replace(probe=5)
+    with pytest.raises(ValueError, match="at most 1"):
+        attacks.get("apgd-ce", 0.1).replace(anneal=((3.0, 0.6), (2.0, 0.5)))
+    # v10 probes the L1 first pass only: the other members, and apgd-ce in L∞ and L2, are v9's
+    for norm, eps in (("linf", 0.1), ("l2", 2.0), ("l1", 8.0)):
+        for name in ("apgd-ce", "apgd-t", "apgd-dlr-odi"):
+            v9, v10 = (attacks.presets.FORMS[v](attacks.get(name, eps, norm=norm))
+                       for v in ("standard-v9", "standard-v10"))
+            probed = (name, norm) == ("apgd-ce", "l1")
+            assert v10 == (v9.replace(probe=attacks.presets.PROBE) if probed else v9)
+
+
+def test_probes_add_breaks_leave_the_other_rows_untouched_and_decide_per_example():
+    """A probe evaluates an annealing iterate's projection onto the ε-ball without moving the iterate: the
+    rows it breaks end early with a point in the ball that the fp32 model misclassifies, every other row
+    runs exactly as without probes, and the decisions do not depend on the batch, its order, the
+    compaction cadence or tiling."""
+    model = RowWise(load_model("zoo:fmnist-adv2").model.eval()).eval()
+    ds = load_dataset("fashion-mnist", n=40)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
+    base = attacks.presets.FORMS["standard-v9"](attacks.get("apgd-ce", 8.0, norm="l1", steps=20, restarts=2))
+    warm = sum(k for _, k in base.stages()[:-1])
+    atk = base.replace(probe=3)
+    plain, ref = (attacks.run(a, model, x, y, ids=ids, seed=1) for a in (base, atk))
+    assert bool((ref.success | ~plain.success).all())  # every example broken without probes is broken
+    early = ref.success & (ref.steps < warm)  # broken by a probe, inside the annealing stages
+    assert int(early.sum()) >= 3 and not ref.success.all()
+    assert int(ref.steps.sum()) < int(plain.steps.sum())
+    same = ~ref.success
+    for field in ("x_adv", "margin", "steps", "run", "value"):
+        assert torch.equal(getattr(ref, field)[same], getattr(plain, field)[same]), field
+    assert bool(atk.threat.contains(ref.x_adv, x).all())
+    with torch.no_grad():
+        assert bool((model(ref.x_adv[early]).argmax(1) != y[early]).all())
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    runs = [attacks.run(atk, model, x[perm], y[perm], ids=ids[perm], seed=1),
+            attacks.run(atk, model, x[perm[:13]], y[perm[:13]], ids=ids[perm[:13]], seed=1),
+            attacks.run(atk, model, x, y, ids=ids, seed=1, compact=4),
+            attacks.run(atk, model, x, y, ids=ids, seed=1, compact=False),
+            attacks.run(atk, model, x, y, ids=ids, seed=1, tile=2)]
+    for k, (res, order) in enumerate(zip(runs, (perm, perm[:13], None, None, None), strict=True)):
+        want = ref if order is None else _take(ref, order)
+        for field in ("x_adv", "success", "steps", "run", "margin"):
+            assert torch.equal(getattr(res, field), getattr(want, field)), (k, field)
