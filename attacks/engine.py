@@ -725,8 +725,8 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     precision = torch.autocast(rows.x.device.type, dtype=low) if low is not None else contextlib.nullcontext()
     stall = attack.stall if stage is None else None
     window, decide = stall.checkpoints(steps) if stall is not None else (0, set())
-    if stage is None and attack.probe and every and getattr(tracking, "compacts", tracking.evades) and \
-            bool(rows.best.success.any()):  # rows a probe of the annealing stages broke: done already
+    if stage is None and attack.probe and every and bool(rows.best.success.any()):
+        # rows a probe of the annealing stages broke (probes need Evasion tracking): done already
         best.scatter(rows.act, rows.best, rows.best.success)
         rows = rows.keep((~rows.best.success).nonzero()[:, 0])
         if rows.act.numel() == 0:
