@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from .targets import l1_knapsack
+
 
 class AdamState(NamedTuple):
     m: torch.Tensor
@@ -330,17 +332,20 @@ class HyperplaneState(NamedTuple):
 
 def project_on_hyperplane(grad: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                           p: float, halvings: int = 60) -> torch.Tensor:
-    """``[N, ...]``: the smallest ``δ`` in the threat's norm ``p`` (2 or ∞) with ``grad · δ = c`` per row
-    and ``lo ≤ δ ≤ hi`` (``lo ≤ 0 ≤ hi``), or, where the box cannot reach ``c``, the box corner that comes
-    nearest. By the optimality conditions the answer is ``clamp(s·d, lo, hi)`` for one scalar ``s ≥ 0``
-    with ``d = sign(c)·grad`` in L2 and ``sign(c)·sign(grad)`` in L∞. Where the box is not in the way
-    that is the closed form ``s = |c| / (grad · d)``; elsewhere ``grad · clamp(s·d, lo, hi)`` grows
-    monotonically with ``s``, so ``s`` is found by bisection, each row on its own, halving until the
-    bracket stops changing (checked every fourth halving, as the ball projection does)."""
-    if p not in (2, math.inf):
-        raise ValueError("the hyperplane projection is defined for the L2 and L∞ threat models")
+    """``[N, ...]``: the smallest ``δ`` in the threat's norm ``p`` (1, 2 or ∞) with ``grad · δ = c`` per
+    row and ``lo ≤ δ ≤ hi`` (``lo ≤ 0 ≤ hi``), or, where the box cannot reach ``c``, the box corner that
+    comes nearest. In L2 and L∞, by the optimality conditions the answer is ``clamp(s·d, lo, hi)`` for one
+    scalar ``s ≥ 0`` with ``d = sign(c)·grad`` in L2 and ``sign(c)·sign(grad)`` in L∞. Where the box is
+    not in the way that is the closed form ``s = |c| / (grad · d)``; elsewhere ``grad · clamp(s·d, lo,
+    hi)`` grows monotonically with ``s``, so ``s`` is found by bisection, each row on its own, halving
+    until the bracket stops changing (checked every fourth halving, as the ball projection does). In L1
+    the problem is a fractional knapsack (:func:`~attacks.targets.l1_knapsack`)."""
+    if p not in (1, 2, math.inf):
+        raise ValueError("the hyperplane projection is defined for the L1, L2 and L∞ threat models")
     g = grad.flatten(1)
     lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+    if p == 1:
+        return l1_knapsack(g, c, lo_f, hi_f)[0].view_as(grad)
     sign = torch.sign(c)
     d = sign[:, None] * (g if p == 2 else g.sign())
     target = c.abs()
@@ -376,7 +381,7 @@ class Hyperplane(GradientStep):
     search runs in the larger ball and hands its nearest adversarial point on (``stage_keeps``), which
     is how FAB's unconstrained search followed by "is it within ε?" is run. ``value`` must be
     adversarial where > 0 (a pair margin ``z_t − z_y`` for the targeted form). The step size of the
-    schedule is not used. L2 and L∞."""
+    schedule is not used. L1, L2 and L∞ (the hyperplane projection in the threat's norm)."""
 
     eta: float = 1.05
     alpha_max: float = 0.1
@@ -389,8 +394,8 @@ class Hyperplane(GradientStep):
              **run) -> HyperplaneState:
         if threat is None or center is None:
             raise ValueError("the hyperplane step needs the threat and the clean inputs")
-        if getattr(threat, "p", None) not in (2, math.inf):
-            raise ValueError("the hyperplane (FAB) step is defined for the L2 and L∞ threat models")
+        if getattr(threat, "p", None) not in (1, 2, math.inf):
+            raise ValueError("the hyperplane (FAB) step is defined for the L1, L2 and L∞ threat models")
         lo, hi = box if box is not None else threat.box(center)
         return HyperplaneState(center, lo, hi, threat)
 

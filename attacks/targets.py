@@ -100,25 +100,34 @@ class RankedTargets:
         return order[:, :self.slots(num_classes)]
 
 
+def l1_knapsack(g: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """The smallest ``δ`` in L1 with ``g · δ = c`` and ``lo ≤ δ ≤ hi`` (``lo ≤ 0 ≤ hi``), per flat row, and
+    whether the box reaches ``c`` at all: ``([N, D], [N] bool)``. Each coordinate ``i`` moved by ``t ≥ 0``
+    in the direction ``d_i = sign(c)·sign(g_i)`` adds ``|g_i|·t`` towards ``|c|`` at an L1 cost of ``t``, up
+    to the room the box leaves it, so the cheapest ``δ`` fills coordinates in decreasing ``|g_i|``, each to
+    its room, until ``|c|`` is reached, the last one partly — a fractional knapsack, exact (a linear
+    programme with one equality and box constraints). Where even every coordinate full falls short, all
+    are full: the box corner that comes nearest. A stable sort resolves ties (equal ``|g_i|``) by
+    coordinate index, so a row's answer depends on that row alone."""
+    d = torch.sign(c)[:, None] * torch.sign(g)
+    room = torch.where(d > 0, hi, torch.where(d < 0, -lo, torch.zeros_like(d))).clamp_min(0)
+    rate, order = g.abs().sort(dim=1, descending=True, stable=True)
+    room = room.gather(1, order)
+    gain = rate * room
+    total = gain.cumsum(1)
+    need = (c.abs()[:, None] - (total - gain)).clamp_min(0)  # what is left when each coordinate's turn comes
+    amount = torch.where(rate > 0, torch.minimum(need / rate.clamp_min(1e-30), room), torch.zeros_like(rate))
+    return torch.zeros_like(g).scatter(1, order, amount) * d, total[:, -1] >= c.abs()
+
+
 def boxed_l1_distance(margin: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, box) -> torch.Tensor:
     """``[N]``: the smallest ‖δ‖₁ with ``x + δ`` in the box ``(lo, hi)`` at which the first-order model
-    ``margin + grad·δ`` reaches zero — a fractional knapsack, solved exactly by spending the budget on
-    the coordinates of largest ``|grad|`` first, each up to its room in the box in the direction that
-    lowers the margin; ``inf`` when the whole box cannot. A misclassified ``x`` (margin ≤ 0) gets the
-    unboxed value ``margin / ‖grad‖∞`` (≤ 0)."""
+    ``margin + grad·δ`` reaches zero (:func:`l1_knapsack`); ``inf`` when the whole box cannot. A
+    misclassified ``x`` (margin ≤ 0) gets the unboxed value ``margin / ‖grad‖∞`` (≤ 0)."""
     g = grad.flatten(1)
-    lo, hi = (b.flatten(1) for b in box)
-    room = torch.where(g > 0, x.flatten(1) - lo, hi - x.flatten(1)).clamp_min(0)
-    a, order = g.abs().sort(1, descending=True)
-    room = room.gather(1, order)
-    gain, cost = (a * room).cumsum(1), room.cumsum(1)
-    k = (gain < margin[:, None]).sum(1)  # coordinates filled to their room before the margin is spent
-    reach = k < g.shape[1]
-    kk = k.clamp_max(g.shape[1] - 1)[:, None]
-    before = lambda t: torch.where(k[:, None] > 0, t.gather(1, (kk - 1).clamp_min(0)),
-                                   torch.zeros_like(kk, dtype=t.dtype))
-    part = (margin[:, None] - before(gain)) / a.gather(1, kk).clamp_min(1e-30)
-    dist = torch.where(reach, (before(cost) + part)[:, 0], torch.full_like(margin, math.inf))
+    lo, hi = (b.flatten(1) - x.flatten(1) for b in box)
+    step, reach = l1_knapsack(g, -margin, lo, hi)
+    dist = torch.where(reach, step.abs().sum(1), torch.full_like(margin, math.inf))
     unboxed = margin / g.abs().amax(1).clamp_min(1e-12)
     return torch.where(margin > 0, dist, unboxed)
 
