@@ -80,8 +80,9 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
                    "fgsm-20, pgd-K, apgd-ce, apgd-dlr, apgd-t, apgd-t-margin, apgd-dlr-odi, apgd-ce-odi, "
                    "fab-t, "
                    "square, fmn, "
-                   "min-norm-untargeted, min-norm-targeted. min-norm: the minimum-norm battery (both "
-                   "searches, each on every example; per-example radii for report --curve).")
+                   "min-norm-untargeted, min-norm-targeted, min-norm-fab. min-norm: the minimum-norm "
+                   "battery (the three searches, each on every example; per-example radii for report "
+                   "--curve).")
 @click.option("--eps", "eps_texts", multiple=True,
               help="Radius in [0,1] pixel units: 0.031, 8/255, or 8 with --eps-scale 255 (repeatable). "
                    "Default: the dataset's usual ε (0.1 Fashion-MNIST, 8/255 CIFAR-10).")
