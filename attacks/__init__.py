@@ -117,6 +117,7 @@ from .targets import (
     Untargeted,
     boxed_l1_distance,
     closeness,
+    l1_knapsack,
     linearised_distance,
 )
 from .threats import BALLS, L1Ball, L2Ball, LinfBall
@@ -126,7 +127,7 @@ __all__ = [
     "Objective", "Optimizer", "Schedule", "Threat", "ObjectiveBase",
     "Untargeted", "RandomTarget", "RankedTargets", "Evasion", "Maximize", "FinalIterate", "Stall",
     "UniformStart", "NoStart", "StripeStart", "DiverseStart", "GaussianStart", "AttackStart",
-    "StartsByRestart", "linearised_distance", "boxed_l1_distance", "RandomSquares",
+    "StartsByRestart", "linearised_distance", "boxed_l1_distance", "l1_knapsack", "RandomSquares",
     "WindowSchedule", "square",
     "example_seed", "generators", "seeding", "threat_of", "eot_value", "expected_logits",
     "LinfBall", "L2Ball", "L1Ball", "BALLS", "MinNorm", "min_norm", "MinDistance", "Cosine",
