@@ -228,6 +228,15 @@ class MinDistance:
 Tracking = Evasion | Maximize | FinalIterate | MinDistance
 
 
+def _check_rule(rule, what: str, lowest_floor: float) -> None:
+    """The fields an early-stopping rule (:class:`Stall`, :class:`SearchStall`) shares, validated."""
+    if not (0 < rule.window <= rule.start < 1) or not (0 < rule.every < 1) or \
+            not (rule.factor > 0 and math.isfinite(rule.factor)) or \
+            not (rule.floor >= lowest_floor and math.isfinite(rule.floor)):
+        raise ValueError(f"{what} needs 0 < window ≤ start < 1, 0 < every < 1, a finite factor > 0 and a "
+                         f"finite floor ≥ {lowest_floor}, got {rule!r}")
+
+
 @dataclass(frozen=True)
 class Stall:
     """The early end of a run that is far from the boundary and not getting nearer
@@ -253,11 +262,7 @@ class Stall:
     floor: float = 0.5
 
     def __post_init__(self):
-        if not (0 < self.window <= self.start < 1) or not (0 < self.every < 1) or \
-                not (self.factor > 0 and math.isfinite(self.factor)) or \
-                not (self.floor >= 0 and math.isfinite(self.floor)):
-            raise ValueError(f"a stall rule needs 0 < window ≤ start < 1, 0 < every < 1, a finite factor > 0 "
-                             f"and a finite floor ≥ 0, got {self!r}")
+        _check_rule(self, "a stall rule", lowest_floor=0)
 
     def checkpoints(self, steps: int) -> tuple[int, set[int]]:
         """``(W, decision steps)`` for a tracked stage of ``steps`` steps (none when it is too short to
@@ -272,6 +277,43 @@ class Stall:
         """``margin / (z₍₁₎ − z₍₃₎)`` per row (the lowest logit for fewer than 3 classes)."""
         top = z.float().topk(min(3, z.shape[1]), dim=1).values
         return margin.float() / (top[:, 0] - top[:, -1]).clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class SearchStall:
+    """The early end of a minimum-norm search that will not come within the radius (docs/methods.md,
+    "Runs that stall"): in a search stage (an annealing stage whose step rule keeps its nearest adversarial
+    point, as FAB's does) of K steps, at step ``s`` (from ``start``·K, then every ``every``·K), a row stops
+    and hands its nearest adversarial point on to the ε-ball, as if its steps had run out, when
+
+        d(s) is infinite (no adversarial point yet), or
+        d(s) > floor   and   d(s) · (d(s) / d(s − W))^(factor · (K − s) / W) > 1,   W = ``window``·K,
+
+    where ``d(s)`` is the distance of the nearest adversarial point it has found up to step ``s``, in
+    units of ε. A search that converges shrinks ``d`` by a roughly constant factor per step, so the second
+    condition says: at ``factor`` times its recent geometric pace, the search would still end outside the
+    ε-ball. Rows within ``floor``·ε always take every step. Each decision reads the row's own iterates
+    only, so records do not depend on the batch, its order or the compaction cadence."""
+
+    start: float = 0.3
+    window: float = 0.2
+    every: float = 0.1
+    factor: float = 2.0
+    floor: float = 1.5
+
+    def __post_init__(self):
+        _check_rule(self, "a search stall rule", lowest_floor=1)
+
+    def checkpoints(self, steps: int) -> tuple[int, set[int]]:
+        """``(W, decision steps)`` for a search stage of ``steps`` steps (:meth:`Stall.checkpoints`)."""
+        return Stall.checkpoints(self, steps)
+
+    def stops(self, d: torch.Tensor, before: torch.Tensor, left: int, window: int) -> torch.Tensor:
+        """Which rows stop, from their nearest distances now (``d``) and ``window`` steps ago
+        (``before``), in units of ε, with ``left`` steps of the stage to go."""
+        rate = torch.where(torch.isinf(before), torch.zeros_like(d), d / before)
+        ahead = d * rate.pow(self.factor * left / window)
+        return torch.isinf(d) | ((d > self.floor) & (ahead > 1))
 
 
 _STARTS = (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart, AttackStart)
@@ -315,6 +357,9 @@ class Attack:
     #: changes a row's iterates, so the rows it does not end run exactly as without it
     #: (docs/methods.md, "Radius annealing").
     probe: int = field(default=0, metadata={"omit_default": True})
+    #: The early end of a minimum-norm search stage that will not come within ε (:class:`SearchStall`;
+    #: ``None``: the search takes all its steps).
+    search_stall: SearchStall | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
@@ -352,6 +397,12 @@ class Attack:
                                  f"1, got {self.anneal!r}")
         if not isinstance(self.probe, int) or isinstance(self.probe, bool) or self.probe < 0:
             raise ValueError(f"probe must be an integer ≥ 0, got {self.probe!r}")
+        if self.search_stall is not None and (
+                not isinstance(self.search_stall, SearchStall) or not self.anneal or
+                getattr(self.optimizer, "stage_keeps", "objective") != "nearest"):
+            raise ValueError("a search stall rule (SearchStall) ends a minimum-norm search stage: it needs "
+                             "radius annealing (anneal) and a step rule that keeps its nearest point, got "
+                             f"{self.search_stall!r}")
         if self.probe and (not self.anneal or not isinstance(self.tracking, Evasion)):
             raise ValueError("probes evaluate the ε-ball's projection of annealing-stage iterates: they need "
                              "radius annealing (anneal) and Evasion() tracking")
@@ -631,7 +682,7 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     target = None if tgts[0] is None else torch.cat(tgts)
     index_of_run = js[0] if len(js) == 1 else \
         torch.tensor(list(js), device=x.device).repeat_interleave(act.numel())
-    alive, found, taken = torch.arange(len(xs), device=x.device), [], 0
+    alive, found, taken, ended = torch.arange(len(xs), device=x.device), [], 0, []
     for i, (multiple, steps) in enumerate(warm):
         # an annealing stage (Attack.anneal): the same loop in a larger ball, untracked (its points are
         # outside the threat set); the next stage starts from its highest-objective point. With probes,
@@ -646,14 +697,19 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
         if alive.numel() < len(xs):
             rows = rows.keep(alive)
         probe = (box, found, taken) if attack.probe else None
-        rows = _ascend(attack, model, rows, 0, None, counter, low, stage=(threat, steps), probe=probe)
+        rows = _ascend(attack, model, rows, 0, None, counter, low, stage=(threat, steps), probe=probe,
+                       ended=(ended, taken))
         start = start.index_copy(0, rows.act, rows.best.x)
         alive, taken = rows.act, taken + steps
         if alive.numel() == 0:
             break
+    for pos, point, _ in ended:  # a stalled search hands its point on as if its steps had run out
+        start = start.index_copy(0, pos, point)
     if warm:
         start = attack.threat.project(start, xs, box)
         local.steps += sum(k for _, k in warm)
+    for pos, _, step in ended:
+        local.steps[pos] = step
     for pos, point, z, val, margin, step in found:  # success at a probe: the run ends there for the row
         local.x[pos], local.logits[pos], local.value[pos] = point, z, val
         local.margin[pos], local.score[pos], local.success[pos] = margin, margin, True
@@ -701,7 +757,7 @@ def _tiled(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
 
 
 def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter: dict,
-            low: torch.dtype | None = None, stage=None, probe=None) -> _Rows:
+            low: torch.dtype | None = None, stage=None, probe=None, ended=None) -> _Rows:
     """One trial: ``steps`` optimizer steps on the active rows, every iterate evaluated and tracked.
 
     Solved rows leave the batch every ``every`` steps (0: never); until then they keep stepping, but
@@ -715,7 +771,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
     are not checked either); pass ``every=0``. ``probe=(box, found, taken)`` in such a stage: every
     ``attack.probe`` steps the rows' iterates projected onto the ε-ball ∩ ``box`` are evaluated in fp32
     (:func:`_probe`); a misclassified projection is appended to ``found`` and its row leaves the stage
-    (``taken``: the steps of the stages before this one).
+    (``taken``: the steps of the stages before this one). ``ended=(ended, taken)`` in a minimum-norm
+    search stage with ``attack.search_stall``: a row the rule stops leaves the stage and
+    ``(rows, nearest points, steps taken)`` is appended to ``ended`` (:class:`SearchStall`).
     """
     obj, opt = attack.objective, attack.optimizer
     if stage is None:  # the tracked stage (all the steps without annealing)
@@ -731,8 +789,12 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         rows = rows.keep((~rows.best.success).nonzero()[:, 0])
         if rows.act.numel() == 0:
             return rows
+    search = attack.search_stall if stage is not None and isinstance(tracking, MinDistance) else None
+    reach, verdicts = search.checkpoints(steps) if search is not None and ended is not None else (0, set())
     if decide:
         rows.peaks = torch.full((rows.act.numel(), steps + 1), -math.inf, device=rows.x.device)
+    if verdicts:  # the nearest adversarial distance so far, in units of ε, step by step
+        rows.peaks = torch.full((rows.act.numel(), steps + 1), math.inf, device=rows.x.device)
     for step in range(steps + 1):
         last = step == steps
         grad_on = opt.uses_gradient and not last
@@ -761,6 +823,17 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
                 rows, live, val, grad, it = _drop(rows, hit, live, val, grad, it)
                 if rows.act.numel() == 0:
                     break
+        if verdicts and not last:
+            d = torch.where(rows.best.success, -rows.best.score / attack.threat.eps, math.inf)
+            rows.peaks[:, step] = d
+            if step in verdicts:
+                stop = search.stops(d, rows.peaks[:, step - reach], steps - step, reach)
+                if bool(stop.any()):  # a host synchronisation at each decision step only
+                    idx = stop.nonzero()[:, 0]
+                    ended[0].append((rows.act[idx], rows.best.x[idx], ended[1] + step))
+                    rows, live, val, grad, it = _drop(rows, stop, live, val, grad, it)
+                    if rows.act.numel() == 0:
+                        break
         if last:
             break
         if decide:

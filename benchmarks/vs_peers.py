@@ -220,7 +220,10 @@ def main():
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--norm", choices=["linf", "l2", "l1"], default="linf")
-    p.add_argument("--battery", choices=["standard", "reduced"], default="standard")
+    versions = sorted((k for k in attacks.BATTERIES if k.startswith("standard-")),
+                      key=lambda k: int(k.rpartition("v")[2]))
+    p.add_argument("--battery", choices=["standard", "reduced", *versions], default="standard",
+                   help="standard (the current version), an earlier standard-vN by name, or reduced")
     p.add_argument("--restarts", type=int, default=5, help="restarts per attack of the reduced battery")
     p.add_argument("--steps", type=int, default=100, help="steps per restart of the reduced battery")
     p.add_argument("--pgd-steps", type=int, default=50)
@@ -245,10 +248,12 @@ def main():
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", {args.dataset} n={len(x)} ({ds.source}), {args.norm} eps={args.eps}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    if args.battery == "standard":
-        battery, kw = ["standard"], {}
-        members = ", ".join(attacks.expand(["standard"], args.norm))
-        print(f"# robusteval battery: standard ({members}), then the Square check on the survivors")
+    if args.battery.startswith("standard"):
+        battery, kw = [args.battery], {}
+        members = ", ".join(attacks.expand([args.battery], args.norm))
+        version = attacks.presets.STANDARD if args.battery == "standard" else args.battery
+        print(f"# robusteval battery: {args.battery} ({version}: {members}), then the Square check on the "
+              "survivors")
     else:
         battery, kw = ["untargeted", "multi-targeted"], dict(restarts=args.restarts, steps=args.steps)
         print(f"# robusteval battery: untargeted + multi-targeted, {args.restarts} restarts x {args.steps} "

@@ -121,7 +121,8 @@ _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
-                         + [(n, norm) for n in ("fab-t", "min-norm-fab") for norm in ("l2", "linf", "l1")])
+                         + [(n, norm) for n in ("fab-t", "min-norm-fab", "v12 fab-t")
+                            for norm in ("l2", "linf", "l1")])
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
     model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))).eval()
@@ -132,7 +133,8 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
     atk = attacks.get(preset, {"l2": 0.8, "l1": 2.0, "linf": 0.1}[norm], norm=norm, steps=12)
     if version:  # standard's L1 form (annealed, Gaussian starts, boxed ranking; v5: more targets); in L2
         annealed = atk.replace(anneal=attacks.presets.L1_ANNEAL)  # annealing alone
-        atk = attacks.presets.FORMS[f"standard-{version}"](atk) if norm == "l1" else annealed
+        form = attacks.presets.FORMS[f"standard-{version}"]
+        atk = form(atk) if norm == "l1" or preset == "fab-t" else annealed
     ids = torch.arange(10, 16)
     full = attacks.run(atk, model, x, y, ids=ids, seed=5)
     part = attacks.run(atk, model, x[3:], y[3:], ids=ids[3:], seed=5)
@@ -144,12 +146,13 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
 
 
 @pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1), ("l1", float("inf"))])
-@pytest.mark.parametrize("form", ["standard-v9", "standard-v10"])
+@pytest.mark.parametrize("form", ["standard-v9", "standard-v10", "standard-v12"])
 def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(norm, dual, form):
     """On a binary linear model an example can be broken within ε iff its exact distance to the boundary
     is at most ε (box inactive): FAB's first step lands on the boundary (times η), so fab-t breaks every
     example inside the radius and, its points being feasible, none outside; v10's fab-t, which only
-    evaluates its search's point projected onto the ε-ball, breaks the same examples."""
+    evaluates its search's point projected onto the ε-ball, breaks the same examples, and so does v12's,
+    whose searches that stay outside 1.5ε end at the first decision."""
     w = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 10
     model = Linear(w).eval()
     x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
@@ -162,6 +165,10 @@ def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(n
     clear = (exact - eps).abs() > 0.02 * eps  # away from the radius itself
     assert torch.equal(res.success[clear], (exact <= eps)[clear])
     assert 20 < int(res.success.sum()) < 44
+    if form == "standard-v12":  # the far searches (beyond 1.5ε, no nearer point to come) stop at 0.3 · 80
+        far = exact > 1.6 * eps
+        assert far.any() and bool((res.steps[far] == 24).all())
+        assert bool((res.steps[exact <= 1.3 * eps] > 24).all())
 
 
 def _brute_force_hyperplane(g, c, lo, hi, p):
@@ -500,9 +507,8 @@ def test_v10_is_v9_with_fab_t_ending_at_its_search_and_the_l1_first_pass_probed(
 def test_v11_is_v10_and_in_l1_adds_fab_t_and_stops_gating_the_targeted_members(norm, eps):
     from robusteval.evaluation import Budget, build_battery
 
-    assert attacks.presets.STANDARD == "standard-v11"
     threat = attacks.threat_of(eps, norm=norm)
-    v11, v10 = build_battery(["standard"], threat), build_battery(["standard-v10"], threat)
+    v11, v10 = build_battery(["standard-v11"], threat), build_battery(["standard-v10"], threat)
     if norm != "l1":  # L∞ and L2: v10 itself
         assert v11.members == v10.members and v11.gates == v10.gates
         return
@@ -515,11 +521,27 @@ def test_v11_is_v10_and_in_l1_adds_fab_t_and_stops_gating_the_targeted_members(n
     assert fab.name == "fab-t" and fab.threat == threat
     assert fab.replace(threat=l2_fab.threat) == l2_fab  # the same search, targets and budget as L2's
     # neither targeted member is gated; the diverse-restart rounds and the near round keep v10's gates
-    assert attacks.gates(["standard"], "l1") == {"apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25,
-                                                 "apgd-t-margin": attacks.presets.NEAR}
+    assert attacks.gates(["standard-v11"], "l1") == {"apgd-dlr-odi": 0.5, "apgd-ce-odi": 0.25,
+                                                     "apgd-t-margin": attacks.presets.NEAR}
     assert [v11.scores(a) for a in v11.members] == [True] * 5 + [False]
-    short = build_battery(["standard"], threat, budget=Budget(steps=50))
+    short = build_battery(["standard-v11"], threat, budget=Budget(steps=50))
     assert [a.steps for a in short.members if a.name == "fab-t"] == [40]
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v12_is_v11_with_fab_t_searches_ending_when_they_stall(norm, eps):
+    from robusteval.evaluation import Budget, build_battery
+
+    assert attacks.presets.STANDARD == "standard-v12"
+    threat = attacks.threat_of(eps, norm=norm)
+    v12, v11 = build_battery(["standard"], threat), build_battery(["standard-v11"], threat)
+    assert [a.name for a in v12.members] == [a.name for a in v11.members] and v12.gates == v11.gates
+    for new, old in zip(v12.members, v11.members, strict=True):
+        assert new == (old.replace(search_stall=attacks.presets.SEARCH_STALL) if new.name == "fab-t" else old)
+    assert ("fab-t" in [a.name for a in v12.members]) == (norm != "linf")
+    short = build_battery(["standard"], threat, budget=Budget(steps=50))
+    assert [(a.steps, a.search_stall) for a in short.members if a.name == "fab-t"] == \
+        ([] if norm == "linf" else [(40, attacks.presets.SEARCH_STALL)])
 
 
 def test_fab_t_in_l1_breaks_what_apgd_leaves_and_its_points_pass_the_fp32_check():

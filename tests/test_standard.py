@@ -449,24 +449,69 @@ def test_stalled_runs_lose_no_example_of_the_exact_linear_optimum(name):
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.5), ("l1", 8.0)])
 def test_stall_decisions_are_per_example_whatever_the_batch_order_cadence_or_tiling(norm, eps):
-    model = RowWise(load_model("zoo:fmnist-adv2").model.eval()).eval()
-    ds = load_dataset("fashion-mnist", n=40)
-    x, y, ids = ds.images, ds.labels.long(), ds.ids
     atk = attacks.presets.FORMS["standard-v9"](attacks.get("apgd-dlr-odi", eps, norm=norm, steps=20,
                                                            restarts=2))
+    _decisions_are_per_example(atk, atk.replace(stall=None), n=40, part=13, compact=4, tile=2)
+
+
+def _decisions_are_per_example(atk, without, n: int, part: int, compact: int | None, tile: int):
+    """``atk`` (with an early-stopping rule) and ``without`` (the same attack without it) on the first
+    ``n`` bundled images: the rule stops some runs and keeps some breaks, and every example's result is the
+    same for a permuted batch, the first ``part`` of it, another compaction cadence and tiling."""
+    model = RowWise(load_model("zoo:fmnist-adv2").model.eval()).eval()
+    ds = load_dataset("fashion-mnist", n=n)
+    x, y, ids = ds.images, ds.labels.long(), ds.ids
     ref = attacks.run(atk, model, x, y, ids=ids, seed=1)
-    full = attacks.run(atk.replace(stall=None), model, x, y, ids=ids, seed=1)
+    full = attacks.run(without, model, x, y, ids=ids, seed=1)
     assert ref.success.any() and not ref.success.all()
     assert int(ref.steps.sum()) < int(full.steps.sum())  # some runs did stop early
-    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
-    runs = [attacks.run(atk, model, x[perm], y[perm], ids=ids[perm], seed=1),
-            attacks.run(atk, model, x[perm[:13]], y[perm[:13]], ids=ids[perm[:13]], seed=1),
-            attacks.run(atk, model, x, y, ids=ids, seed=1, compact=4),
-            attacks.run(atk, model, x, y, ids=ids, seed=1, tile=2)]
-    for k, (res, order) in enumerate(zip(runs, (perm, perm[:13], None, None), strict=True)):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    head = perm[:part]
+    runs = [(attacks.run(atk, model, x[perm], y[perm], ids=ids[perm], seed=1), perm),
+            (attacks.run(atk, model, x[head], y[head], ids=ids[head], seed=1), head),
+            (attacks.run(atk, model, x, y, ids=ids, seed=1, tile=tile), None)]
+    if compact is not None:
+        runs.append((attacks.run(atk, model, x, y, ids=ids, seed=1, compact=compact), None))
+    for k, (res, order) in enumerate(runs):
         want = ref if order is None else _take(ref, order)
         for field in ("x_adv", "success", "steps", "run", "margin"):
             assert torch.equal(getattr(res, field), getattr(want, field)), (k, field)
+
+
+def test_search_stall_rule_is_validated_and_round_trips():
+    for bad in ({"start": 0.1, "window": 0.2}, {"start": 1.0}, {"every": 0.0}, {"factor": 0.0},
+                {"factor": float("inf")}, {"floor": 0.9}, {"floor": float("nan")}):
+        with pytest.raises(ValueError, match="search stall rule"):
+            attacks.SearchStall(**bad)
+    fab = attacks.presets.FORMS["standard-v12"](attacks.get("fab-t", 2.0, norm="l2"))
+    assert fab.search_stall == attacks.presets.SEARCH_STALL and "search_stall=SearchStall(" in fab.config()
+    assert attacks.from_config(fab.config()) == fab
+    assert "search_stall" not in attacks.presets.FORMS["standard-v11"](attacks.get("fab-t", 2.0)).config()
+    with pytest.raises(ValueError, match="nearest point"):  # an ascent keeps its highest objective
+        attacks.get("apgd-ce", 8.0, norm="l1").replace(anneal=((3.0, 0.5),),
+                                                       search_stall=attacks.SearchStall())
+    with pytest.raises(ValueError, match="nearest point"):  # no search stage to end
+        attacks.get("fab-t", 2.0, norm="l2").replace(anneal=(), search_stall=attacks.SearchStall())
+    assert attacks.SearchStall().checkpoints(80) == (16, set(range(24, 80, 8)))
+
+
+def test_a_search_that_finds_no_adversarial_point_stops_at_the_first_decision():
+    """On logits that barely move, FAB's search finds nothing within 10ε: with the rule each target's
+    search ends at 0.3 · 80 steps, hands on its point, which the ε-ball check then evaluates."""
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(5, dtype=torch.long)
+    fab = attacks.presets.FORMS["standard-v11"](attacks.get("fab-t", 0.1))
+    full = attacks.run(fab, Flat().eval(), x, y, seed=0)
+    ended = attacks.run(fab.replace(search_stall=attacks.SearchStall()), Flat().eval(), x, y, seed=0)
+    assert torch.equal(full.steps, torch.full((5,), 3 * 80))  # three wrong classes, 80 search steps each
+    assert torch.equal(ended.steps, torch.full((5,), 3 * 24))
+    assert not ended.success.any() and bool(fab.threat.contains(ended.x_adv, x).all())
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 1.5), ("l1", 8.0)])
+def test_search_stall_decisions_are_per_example_whatever_the_batch_order_or_tiling(norm, eps):
+    atk = attacks.presets.FORMS["standard-v12"](attacks.get("fab-t", eps, norm=norm, steps=15))
+    _decisions_are_per_example(atk, atk.replace(search_stall=None), n=24, part=9, compact=None, tile=3)
 
 
 def _take(res, order):
