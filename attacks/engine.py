@@ -316,6 +316,9 @@ class SearchStall:
         return torch.isinf(d) | ((d > self.floor) & (ahead > 1))
 
 
+#: The streams an attack's runs may take lie below this (:attr:`Attack.stream` plus the run index): far
+#: below the named streams of :mod:`attacks.seeding`, which start at 2⁴⁰.
+MAX_STREAM = 1 << 32
 _STARTS = (UniformStart, NoStart, StripeStart, DiverseStart, GaussianStart, AttackStart)
 # --------------------------------------------------------------------------------------------- attack
 
@@ -360,6 +363,12 @@ class Attack:
     #: The early end of a minimum-norm search stage that will not come within ε (:class:`SearchStall`;
     #: ``None``: the search takes all its steps).
     search_stall: SearchStall | None = field(default=None, metadata={"omit_default": True})
+    #: The first generator stream of the runs' random draws: run ``j`` draws its start (and anything its
+    #: step rule draws) from stream ``stream + j`` of each example (:mod:`attacks.seeding`). Two attacks
+    #: run on the same examples with the same seed draw the same starts unless their streams differ: a
+    #: battery's members take disjoint streams so that no member repeats another's start
+    #: (docs/methods.md, "The standard battery by version", v13).
+    stream: int = field(default=0, metadata={"omit_default": True})
 
     def __post_init__(self):
         if self.steps < 0 or self.restarts < 1:
@@ -397,6 +406,9 @@ class Attack:
                                  f"1, got {self.anneal!r}")
         if not isinstance(self.probe, int) or isinstance(self.probe, bool) or self.probe < 0:
             raise ValueError(f"probe must be an integer ≥ 0, got {self.probe!r}")
+        if not isinstance(self.stream, int) or isinstance(self.stream, bool) or \
+                not 0 <= self.stream < MAX_STREAM:
+            raise ValueError(f"stream must be an integer in 0..{MAX_STREAM - 1}, got {self.stream!r}")
         if self.search_stall is not None and (
                 not isinstance(self.search_stall, SearchStall) or not self.anneal or
                 getattr(self.optimizer, "stage_keeps", "objective") != "nearest"):
@@ -662,7 +674,7 @@ def _start(attack: Attack, model, x, y, ids, seed, prepared, targets, trials, js
     first = _scaled(attack.threat, warm[0][0]) if warm else attack.threat  # the start is in the first ball
     starts, gens, tgts = [], [], []
     for j in js:
-        g = generators(seed, ids[act.cpu()].tolist(), j)
+        g = generators(seed, ids[act.cpu()].tolist(), attack.stream + j)
         policy = attack.start.of(trials[j][0]) if isinstance(attack.start, StartsByRestart) else attack.start
         if getattr(policy, "needs_labels", False):
             # ``run`` here is this module's entry point: an attack start runs its attack through the engine

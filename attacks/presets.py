@@ -349,12 +349,17 @@ BATTERIES: dict[str, Members | dict[str, Members]] = {
     "standard-v12": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
                      "l1": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
                      "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin")},
+    # v13: v12's members and gates; in L1 the members draw from streams of their own, apgd-t attacks six
+    # targets and apgd-ce-odi runs many short runs (FORMS)
+    "standard-v13": {"l2": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
+                     "l1": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "fab-t", "apgd-t-margin"),
+                     "*": ("apgd-ce", "apgd-t", "apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin")},
     "paper": ("untargeted", "random-targeted", "multi-targeted"),
     # a minimum-norm member searches every example, not only the survivors of the one before it
     "min-norm": ("min-norm-untargeted", "min-norm-targeted", "min-norm-fab"),
 }
-#: The version ``standard`` stands for: a number is quoted as "robusteval standard v12".
-STANDARD = "standard-v12"
+#: The version ``standard`` stands for: a number is quoted as "robusteval standard v13".
+STANDARD = "standard-v13"
 BATTERIES["standard"] = BATTERIES[STANDARD]
 #: Radius annealing of the L1 members of ``standard-v4``: 30% of the steps in the 3ε ball, 30% in 2ε,
 #: the rest in the ε-ball (:attr:`Attack.anneal`).
@@ -464,11 +469,53 @@ def _v12(atk: Attack) -> Attack:
     return atk.replace(search_stall=SEARCH_STALL) if atk.name == "fab-t" else atk
 
 
+#: ``standard-v13``'s number of targets of ``apgd-t`` in L1 (AutoAttack's L1 APGD-T attacks 5): every
+#: example apgd-t broke in the v12 records of the six zoo models at L1 ε = 5 and 10 (212 of them) broke
+#: towards one of its first six ranked targets; the runs towards the seventh to ninth were a third of its
+#: steps. ``fab-t`` and the near round keep all nine.
+L1_APGD_T_TARGETS = 6
+#: ``standard-v13``'s diverse cross-entropy round in L1: many short runs instead of a few long ones,
+#: ``(runs per run, steps per step)`` of the preset's (5 runs of 100 steps become 20 of 50; a budget
+#: override scales the same way). On survivors that only a second attack had broken, fresh starts were
+#: what broke them: at the same 1,000 steps per example, 20 runs of 50 steps broke more than 10 of 100,
+#: 3 of 300 or 1 of 1,000 (benchmarks/RESULTS.md, "`standard` v13").
+L1_CE_SHORT = (4, 0.5)
+#: ``standard-v13``'s generator streams per member (:attr:`Attack.stream`): disjoint, so no member
+#: repeats another's start. Before, run ``j`` of every member drew from stream ``j``: in L1, where every
+#: APGD member starts from a Gaussian point, the first run of ``apgd-ce-odi`` repeated ``apgd-ce``'s run
+#: exactly, on examples it had already failed to break.
+STREAMS = {"apgd-ce": 0, "apgd-t": 1 << 10, "apgd-dlr-odi": 2 << 10, "apgd-ce-odi": 3 << 10,
+           "fab-t": 4 << 10, "apgd-t-margin": 5 << 10}
+
+
+def _v13(atk: Attack) -> Attack:
+    """``standard-v13``'s form of a member: v12's, and in L1
+    (docs/methods.md, "The standard battery by version", v13):
+
+    * every member draws its runs' starts from streams of its own (:data:`STREAMS`);
+    * ``apgd-t`` attacks its first :data:`L1_APGD_T_TARGETS` ranked targets, not nine;
+    * ``apgd-ce-odi`` runs four times as many runs of half the steps (:data:`L1_CE_SHORT`): 20 of 50
+      instead of 5 of 100.
+
+    L∞ and L2 keep v12's form."""
+    atk = _v12(atk)
+    if atk.threat.norm != "l1":
+        return atk
+    changes = {"stream": STREAMS.get(atk.name, 0)}
+    if atk.name == "apgd-t" and isinstance(atk.targets, RankedTargets):
+        changes["targets"] = replace(atk.targets, k=L1_APGD_T_TARGETS)
+    if atk.name == "apgd-ce-odi":
+        runs, steps = L1_CE_SHORT
+        changes.update(restarts=runs * atk.restarts, steps=max(1, int(steps * atk.steps)))
+    return atk.replace(**changes)
+
+
 #: Per battery, the form its members take (applied after any budget override).
 FORMS: dict[str, Callable[[Attack], Attack]] = {"standard-v4": _l1_annealed, "standard-v5": _l1_v5,
                                                 "standard-v6": _v6, "standard-v7": _v6, "standard-v8": _v6,
                                                 "standard-v9": _v9, "standard-v10": _v10,
-                                                "standard-v11": _v10, "standard-v12": _v12}
+                                                "standard-v11": _v10, "standard-v12": _v12,
+                                                "standard-v13": _v13}
 FORMS["standard"] = FORMS[STANDARD]
 #: Per member of a battery, the closeness (:func:`attacks.closeness`, in units of ε) above which a
 #: survivor skips that member. Every member before a gated one scores its survivors at the best point
@@ -505,6 +552,8 @@ GATES: dict[str, Gates | dict[str, Gates]] = {
     "standard-v11": {"l2": (None, 2.0, 0.5, 0.25, 1.0, NEAR), "l1": (None, None, 0.5, 0.25, None, NEAR),
                      "*": (None, 1.0, 0.5, 0.25, NEAR)},
     "standard-v12": {"l2": (None, 2.0, 0.5, 0.25, 1.0, NEAR), "l1": (None, None, 0.5, 0.25, None, NEAR),
+                     "*": (None, 1.0, 0.5, 0.25, NEAR)},
+    "standard-v13": {"l2": (None, 2.0, 0.5, 0.25, 1.0, NEAR), "l1": (None, None, 0.5, 0.25, None, NEAR),
                      "*": (None, 1.0, 0.5, 0.25, NEAR)},
 }
 GATES["standard"] = GATES[STANDARD]

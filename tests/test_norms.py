@@ -3,6 +3,8 @@ robustness curve (robusteval.reports.curve)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -117,7 +119,7 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
                "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin",
-               "v9 apgd-dlr-odi", "v10 apgd-ce"]
+               "v9 apgd-dlr-odi", "v10 apgd-ce", "v13 apgd-ce-odi"]
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
@@ -532,9 +534,8 @@ def test_v11_is_v10_and_in_l1_adds_fab_t_and_stops_gating_the_targeted_members(n
 def test_v12_is_v11_with_fab_t_searches_ending_when_they_stall(norm, eps):
     from robusteval.evaluation import Budget, build_battery
 
-    assert attacks.presets.STANDARD == "standard-v12"
     threat = attacks.threat_of(eps, norm=norm)
-    v12, v11 = build_battery(["standard"], threat), build_battery(["standard-v11"], threat)
+    v12, v11 = build_battery(["standard-v12"], threat), build_battery(["standard-v11"], threat)
     assert [a.name for a in v12.members] == [a.name for a in v11.members] and v12.gates == v11.gates
     for new, old in zip(v12.members, v11.members, strict=True):
         assert new == (old.replace(search_stall=attacks.presets.SEARCH_STALL) if new.name == "fab-t" else old)
@@ -542,6 +543,54 @@ def test_v12_is_v11_with_fab_t_searches_ending_when_they_stall(norm, eps):
     short = build_battery(["standard"], threat, budget=Budget(steps=50))
     assert [(a.steps, a.search_stall) for a in short.members if a.name == "fab-t"] == \
         ([] if norm == "linf" else [(40, attacks.presets.SEARCH_STALL)])
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v13_is_v12_in_linf_and_l2_and_in_l1_gives_each_member_its_own_streams(norm, eps):
+    from robusteval.evaluation import Budget, build_battery
+
+    assert attacks.presets.STANDARD == "standard-v13"
+    threat = attacks.threat_of(eps, norm=norm)
+    v13, v12 = build_battery(["standard"], threat), build_battery(["standard-v12"], threat)
+    assert [a.name for a in v13.members] == [a.name for a in v12.members] and v13.gates == v12.gates
+    if norm != "l1":
+        assert v13.members == v12.members
+        return
+    for new, old in zip(v13.members, v12.members, strict=True):
+        changes = {"stream": attacks.presets.STREAMS[new.name]}
+        if new.name == "apgd-t":
+            changes["targets"] = replace(old.targets, k=6)
+        if new.name == "apgd-ce-odi":
+            changes.update(restarts=20, steps=50)
+        assert new == old.replace(**changes)
+    # the members' streams (first stream, then one per run) do not overlap: no member repeats a start
+    spans = sorted((a.stream, a.stream + len(a.targets.trials(a.restarts, 10))) for a in v13.members)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans[:-1], spans[1:], strict=True))
+    short = build_battery(["standard"], threat, budget=Budget(steps=40, restarts=2))
+    odi = [a for a in short.members if a.name == "apgd-ce-odi"]
+    assert [(a.restarts, a.steps) for a in odi] == [(8, 20)]  # a budget scales as the preset: 4× runs, ½
+
+
+def test_stream_offsets_the_runs_generator_streams_and_round_trips():
+    """Run ``j`` of an attack with ``stream=s`` starts where run ``s + j`` of the same attack with the
+    default stream starts: with no steps, the final iterate is the start itself."""
+    torch.manual_seed(0)
+    model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 4))).eval()
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    base = attacks.get("apgd-ce", 2.0, norm="l1").replace(steps=0, tracking=attacks.FinalIterate(),
+                                                           start=attacks.starts.GaussianStart())
+    ids = torch.arange(20, 25)
+    starts = [attacks.run(base.replace(stream=s), model, x, y, ids=ids, seed=7).x_adv for s in range(3)]
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
+    direct = base.start(x, base.threat, attacks.seeding.generators(7, ids.tolist(), 2), model=model)
+    assert torch.allclose(starts[2], direct, atol=1e-6)
+    assert "stream=" not in base.config()  # the default keeps earlier records' configuration text
+    moved = base.replace(stream=3072)
+    assert "stream=3072" in moved.config() and attacks.from_config(moved.config()) == moved
+    for bad in (-1, True, 1.5, 1 << 32):
+        with pytest.raises(ValueError, match="stream"):
+            base.replace(stream=bad)
 
 
 def test_fab_t_in_l1_breaks_what_apgd_leaves_and_its_points_pass_the_fp32_check():
