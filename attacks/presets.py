@@ -480,10 +480,11 @@ L1_APGD_T_TARGETS = 6
 #: what broke them: at the same 1,000 steps per example, 20 runs of 50 steps broke more than 10 of 100,
 #: 3 of 300 or 1 of 1,000 (benchmarks/RESULTS.md, "`standard` v13").
 L1_CE_SHORT = (4, 0.5)
-#: ``standard-v13``'s generator streams per member (:attr:`Attack.stream`): disjoint, so no member
-#: repeats another's start. Before, run ``j`` of every member drew from stream ``j``: in L1, where every
-#: APGD member starts from a Gaussian point, the first run of ``apgd-ce-odi`` repeated ``apgd-ce``'s run
-#: exactly, on examples it had already failed to break.
+#: ``standard-v13``'s generator streams per member (:attr:`Attack.stream`): disjoint for up to 1,024 runs
+#: per member (the presets' budgets take at most 27), so no member repeats another's start. Before, run
+#: ``j`` of every member drew from stream ``j``: in L1, where every APGD member starts from a Gaussian
+#: point, the first run of ``apgd-ce-odi`` repeated ``apgd-ce``'s run exactly, on examples it had
+#: already failed to break.
 STREAMS = {"apgd-ce": 0, "apgd-t": 1 << 10, "apgd-dlr-odi": 2 << 10, "apgd-ce-odi": 3 << 10,
            "fab-t": 4 << 10, "apgd-t-margin": 5 << 10}
 

@@ -122,14 +122,15 @@ def count_bpda_copies(counted: Counted) -> None:
 
 
 def run_robusteval(model, ds, eps, battery, batch, device, name="model", restarts=None, steps=None,
-                   norm="linf"):
+                   norm="linf", seed=0):
     """robusteval's battery, then the Square check on its survivors, through the runner (which verifies
-    every point); returns per-example robust flags (worst case), seconds, the alarms raised and the
-    records."""
+    every point), with the run's ``seed``; returns per-example robust flags (worst case), seconds, the
+    alarms raised and the records."""
     t0 = time.perf_counter()
     outcome = runner.evaluate(Evaluation(models=((name, model),), battery=tuple(battery), eps=(eps,),
                                          dataset=ds, batch_size=batch, device=device, progress=False,
-                                         budget=Budget(steps=steps, restarts=restarts), norm=norm))
+                                         budget=Budget(steps=steps, restarts=restarts), norm=norm,
+                                         seed=seed))
     df = outcome.records
     seconds = time.perf_counter() - t0
     worst = df.groupby("example_id", sort=False)["robust"].all()
@@ -230,6 +231,8 @@ def main():
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-autoattack", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="robusteval's seed (every random start; AutoAttack keeps its own seed 0)")
     p.add_argument("--no-pgd", action="store_true", help="skip the torchattacks PGD comparison")
     p.add_argument("--masked", choices=["quantise", "softmax"], default=None,
                    help="evaluate each model behind a gradient-masking wrapper")
@@ -274,7 +277,7 @@ def main():
             clean = (model(x).argmax(1) == y).float().mean().item()
         model.reset()
         r_re, t_re, found, records = run_robusteval(model, ds, args.eps, battery, args.batch, str(device),
-                                                    spec, norm=args.norm, **kw)
+                                                    spec, norm=args.norm, seed=args.seed, **kw)
         cost_re = f"{model.forward_rows / len(x):.0f} / {model.backward_rows / len(x):.0f}"
         names = ", ".join(sorted({a.check for a in found})) or "none"
         for a in found:
