@@ -177,7 +177,8 @@ def _stem(spec: str, args) -> str:
 
 def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records) -> None:
     """Per-example robust flags of both tools, and AutoAttack's seconds and passes, for a later
-    ``--autoattack-from`` run."""
+    ``--autoattack-from`` run; with ``r_aa=None`` (``--no-autoattack``) robusteval's flags and records
+    only, which ``--autoattack-from`` refuses."""
     import json
     from pathlib import Path
 
@@ -186,10 +187,14 @@ def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records) -
     out = Path(root)
     out.mkdir(parents=True, exist_ok=True)
     stem = _stem(spec, args)
-    pd.DataFrame({"example_id": ids.tolist(), "robusteval_robust": r_re.tolist(),
-                  "autoattack_robust": r_aa.tolist()}).to_csv(out / f"{stem}.csv", index=False)
+    flags = {"example_id": ids.tolist(), "robusteval_robust": r_re.tolist()}
+    if r_aa is not None:
+        flags["autoattack_robust"] = r_aa.tolist()
+    pd.DataFrame(flags).to_csv(out / f"{stem}.csv", index=False)
     # robusteval's own records of the run: per example and member, steps and seconds
     records.to_csv(out / f"{stem}-records.csv", index=False)
+    if r_aa is None:
+        return
     (out / f"{stem}.json").write_text(json.dumps({"autoattack_seconds": t_aa, "infeasible": bad,
                                                   "autoattack_passes": cost_aa}))
 
@@ -237,8 +242,9 @@ def main():
     p.add_argument("--masked", choices=["quantise", "softmax"], default=None,
                    help="evaluate each model behind a gradient-masking wrapper")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="write each model's per-example robust flags of both tools (CSV) and AutoAttack's "
-                        "seconds and passes (JSON) under DIR")
+                   help="write each model's per-example robust flags of both tools (CSV), robusteval's "
+                        "records and AutoAttack's seconds and passes (JSON) under DIR (with --no-autoattack: "
+                        "robusteval's flags and records)")
     p.add_argument("--autoattack-from", default=None, metavar="DIR",
                    help="take AutoAttack's flags, seconds and passes from an earlier --save run (same model, "
                         "examples, norm and eps) instead of running it; the ratio then spans two runs")
@@ -300,6 +306,8 @@ def main():
             if only_aa:
                 print(f"# broken only by AutoAttack ({spec}): example ids {only_aa}", flush=True)
         else:
+            if args.save:
+                save_flags(args.save, spec, args, ids, r_re, None, None, 0, None, records)
             rows.append(f"| {spec} | {clean:.1%} | {r_re.float().mean():.1%} | – | – | – | {t_re:.0f} / – "
                         "| – "
                         f"| {cost_re} | – | {names} |")

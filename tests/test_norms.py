@@ -123,7 +123,7 @@ _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
-                         + [(n, norm) for n in ("fab-t", "min-norm-fab", "v12 fab-t")
+                         + [(n, norm) for n in ("fab-t", "min-norm-fab", "v12 fab-t", "v14 fab-t")
                             for norm in ("l2", "linf", "l1")])
 def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name, norm):
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_every_norm_is_deterministic_per_example_and_leaves_the_model_alone(name
 
 
 @pytest.mark.parametrize("norm, dual", [("l2", 2), ("linf", 1), ("l1", float("inf"))])
-@pytest.mark.parametrize("form", ["standard-v9", "standard-v10", "standard-v12"])
+@pytest.mark.parametrize("form", ["standard-v9", "standard-v10", "standard-v12", "standard-v14"])
 def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(norm, dual, form):
     """On a binary linear model an example can be broken within ε iff its exact distance to the boundary
     is at most ε (box inactive): FAB's first step lands on the boundary (times η), so fab-t breaks every
@@ -167,7 +167,8 @@ def test_fab_t_breaks_exactly_the_examples_within_the_radius_of_a_linear_model(n
     clear = (exact - eps).abs() > 0.02 * eps  # away from the radius itself
     assert torch.equal(res.success[clear], (exact <= eps)[clear])
     assert 20 < int(res.success.sum()) < 44
-    if form == "standard-v12":  # the far searches (beyond 1.5ε, no nearer point to come) stop at 0.3 · 80
+    if form in ("standard-v12", "standard-v14"):
+        # the far searches (beyond 1.5ε, no nearer point to come) stop at 0.3 · 80
         far = exact > 1.6 * eps
         assert far.any() and bool((res.steps[far] == 24).all())
         assert bool((res.steps[exact <= 1.3 * eps] > 24).all())
@@ -549,9 +550,8 @@ def test_v12_is_v11_with_fab_t_searches_ending_when_they_stall(norm, eps):
 def test_v13_is_v12_in_linf_and_l2_and_in_l1_gives_each_member_its_own_streams(norm, eps):
     from robusteval.evaluation import Budget, build_battery
 
-    assert attacks.presets.STANDARD == "standard-v13"
     threat = attacks.threat_of(eps, norm=norm)
-    v13, v12 = build_battery(["standard"], threat), build_battery(["standard-v12"], threat)
+    v13, v12 = build_battery(["standard-v13"], threat), build_battery(["standard-v12"], threat)
     assert [a.name for a in v13.members] == [a.name for a in v12.members] and v13.gates == v12.gates
     if norm != "l1":
         assert v13.members == v12.members
@@ -566,9 +566,46 @@ def test_v13_is_v12_in_linf_and_l2_and_in_l1_gives_each_member_its_own_streams(n
     # the members' streams (first stream, then one per run) do not overlap: no member repeats a start
     spans = sorted((a.stream, a.stream + len(a.targets.trials(a.restarts, 10))) for a in v13.members)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans[:-1], spans[1:], strict=True))
-    short = build_battery(["standard"], threat, budget=Budget(steps=40, restarts=2))
+    short = build_battery(["standard-v13"], threat, budget=Budget(steps=40, restarts=2))
     odi = [a for a in short.members if a.name == "apgd-ce-odi"]
     assert [(a.restarts, a.steps) for a in odi] == [(8, 20)]  # a budget scales as the preset: 4× runs, ½
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v14_is_v13_but_fab_t_attacks_six_targets_in_l1(norm, eps):
+    from robusteval.evaluation import Budget, build_battery
+
+    assert attacks.presets.STANDARD == "standard-v14"
+    threat = attacks.threat_of(eps, norm=norm)
+    v14, v13 = build_battery(["standard"], threat), build_battery(["standard-v13"], threat)
+    assert [a.name for a in v14.members] == [a.name for a in v13.members] and v14.gates == v13.gates
+    for new, old in zip(v14.members, v13.members, strict=True):
+        if norm == "l1" and new.name == "fab-t":
+            assert new == old.replace(targets=replace(old.targets, k=6))
+            assert len(new.targets.trials(new.restarts, 10)) == 6  # one search per target, the first six
+        else:
+            assert new == old
+    # a budget override keeps the six targets and scales the steps as before
+    short = build_battery(["standard"], threat, budget=Budget(steps=50))
+    fab = [(a.steps, a.targets.k) for a in short.members if a.name == "fab-t"]
+    assert fab == {"linf": [], "l2": [(40, 9)], "l1": [(40, 6)]}[norm]
+
+
+def test_v14_fab_t_in_l1_runs_six_searches_per_survivor_where_v13_ran_nine():
+    """On a ten-class model at a radius no search can reach, each search stops at 30% of its 80 steps
+    (v12's rule), so the steps per example count the searches: 6 × 24 in v14, 9 × 24 in v13; in L2 both
+    run nine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    for norm, expected in (("l1", {"standard-v13": 216, "standard-v14": 144}),
+                           ("l2", {"standard-v13": 216, "standard-v14": 216})):
+        for version, steps in expected.items():
+            atk = attacks.presets.FORMS[version](attacks.get("fab-t", 1e-3, norm=norm))
+            res = attacks.run(atk, model, x, y, seed=0)
+            assert not bool(res.success.any())
+            assert res.steps.tolist() == [steps] * 8, (norm, version)
 
 
 def test_stream_offsets_the_runs_generator_streams_and_round_trips():

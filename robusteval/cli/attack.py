@@ -66,7 +66,7 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
 @cli.command("attack")
 @model_option
 @click.option("--attack", "-a", "attack_names", multiple=True, default=DEFAULT_ATTACKS, show_default=True,
-              help="Attack preset or battery, in battery order (repeat). Default: standard (version 13: "
+              help="Attack preset or battery, in battery order (repeat). Default: standard (version 14: "
                    "apgd-ce, apgd-t, apgd-dlr-odi, apgd-ce-odi, each on the survivors of the ones before, "
                    "the last three only where the boundary is near, radius-annealed in L1; in L2 apgd-t "
                    "on survivors within 2ε and fab-t after them within ε; apgd-t-margin last, on the "
@@ -75,8 +75,8 @@ def show_results(paths, rows=("model",), columns: str = "attack", title: str | N
                    "the ε-ball, and in L1 the first pass probes its annealing stages; in L1 apgd-t on "
                    "every survivor and fab-t after the diverse rounds; fab-t's searches end early when "
                    "they cannot reach the ε-ball; in L1 apgd-t on 6 targets, apgd-ce-odi as 20 runs "
-                   "of 50 steps, and each member's starts from random streams of its own; then Square "
-                   "as the check; standard-v1 to standard-v12 by name). paper: the LLR "
+                   "of 50 steps, each member's starts from random streams of its own, and fab-t on 6 "
+                   "targets; then Square as the check; standard-v1 to standard-v13 by name). paper: the LLR "
                    "paper's untargeted, "
                    "random-targeted and "
                    "multi-targeted at 20 × 200. Presets: untargeted, random-targeted, multi-targeted, "
@@ -164,7 +164,7 @@ def attack_command(models, attack_names, eps_texts, eps_scale, norm, dataset, da
     status 4). Alarms go to OUT/alarms.csv and are never erased by a later run (exit status 3). Also
     writes OUT/summary.csv and OUT/summary.md.
 
-    With no --attack the `standard` battery runs (version 13, docs/methods.md): the strongest per pass
+    With no --attack the `standard` battery runs (version 14, docs/methods.md): the strongest per pass
     robusteval has. In L∞ on the zoo its robust accuracy equalled or was below reference AutoAttack's at
     every model and radius measured, at 0.14 to 0.38 of its time (backward passes: 0.09 to 0.25 of
     AutoAttack's at ε 0.05 and 0.1, about 0.6 at 0.2; benchmarks/RESULTS.md). In L2 (nine targets on
