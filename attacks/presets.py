@@ -525,9 +525,9 @@ L1_FAB_TARGETS = 6
 
 def _v14(atk: Attack) -> Attack:
     """``standard-v14``'s form of a member: v13's, and in L1 ``fab-t`` searches towards its first
-    :data:`L1_FAB_TARGETS` targets by clean logit, not nine (docs/methods.md, "The standard battery by
-    version", v14). Its best point, now the best of six searches, still scores the survivors for the
-    near round. L∞ and L2 keep v13's form (v12's)."""
+    :data:`L1_FAB_TARGETS` targets by clean logit, not nine
+    (docs/methods.md, "The standard battery by version", v14). Its best point, now the best of six
+    searches, still scores the survivors for the near round. L∞ and L2 keep v13's form (v12's)."""
     atk = _v13(atk)
     if atk.threat.norm == "l1" and atk.name == "fab-t" and isinstance(atk.targets, RankedTargets):
         return atk.replace(targets=replace(atk.targets, k=L1_FAB_TARGETS))
