@@ -178,7 +178,8 @@ def _stem(spec: str, args) -> str:
 def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records) -> None:
     """Per-example robust flags of both tools, and AutoAttack's seconds and passes, for a later
     ``--autoattack-from`` run; with ``r_aa=None`` (``--no-autoattack``) robusteval's flags and records
-    only, which ``--autoattack-from`` refuses."""
+    only, its flags in a file of their own (``…-robusteval.csv``), so a saved AutoAttack run in the same
+    directory is never overwritten."""
     import json
     from pathlib import Path
 
@@ -190,7 +191,8 @@ def save_flags(root, spec, args, ids, r_re, r_aa, t_aa, bad, cost_aa, records) -
     flags = {"example_id": ids.tolist(), "robusteval_robust": r_re.tolist()}
     if r_aa is not None:
         flags["autoattack_robust"] = r_aa.tolist()
-    pd.DataFrame(flags).to_csv(out / f"{stem}.csv", index=False)
+    pd.DataFrame(flags).to_csv(out / (f"{stem}.csv" if r_aa is not None else f"{stem}-robusteval.csv"),
+                               index=False)
     # robusteval's own records of the run: per example and member, steps and seconds
     records.to_csv(out / f"{stem}-records.csv", index=False)
     if r_aa is None:
@@ -244,7 +246,7 @@ def main():
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write each model's per-example robust flags of both tools (CSV), robusteval's "
                         "records and AutoAttack's seconds and passes (JSON) under DIR (with --no-autoattack: "
-                        "robusteval's flags and records)")
+                        "robusteval's flags, in a -robusteval.csv file, and records)")
     p.add_argument("--autoattack-from", default=None, metavar="DIR",
                    help="take AutoAttack's flags, seconds and passes from an earlier --save run (same model, "
                         "examples, norm and eps) instead of running it; the ratio then spans two runs")
