@@ -197,6 +197,25 @@ class TargetedDLR(ObjectiveBase):
         return pair / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _DLR_EPS)
 
 
+
+@dataclass(frozen=True)
+class ProbabilityMargin(ObjectiveBase):
+    """Probability margin ``max_{j≠y} p_j − p_y`` with ``p = softmax(z)`` (the objective of PMA, Xie et al.,
+    CVPR 2025), maximised. In (−1, 1), positive exactly when the example is misclassified (softmax keeps
+    the logits' order), unchanged by shifting the logits. Its gradient weighs the pair margin towards the
+    most likely wrong class by both probabilities and the rest of the classes by theirs, so it pulls
+    towards the nearest wrong class like a targeted objective while the others still count. Like every
+    softmax quantity it saturates: with a logit gap beyond about 100 the gradient is zero in float32, where
+    the cross-entropy's is not. Computed in float32 at least. Measured as a first pass and as a
+    diverse-restart round beside the battery's members (docs/methods.md, "Objectives")."""
+
+    name = "probability-margin"
+    needs_delta = False
+
+    def __call__(self, z, y, delta=None, aux=None):
+        p = torch.softmax(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, 1)
+        return _other_max(p, y) - p.gather(1, y[:, None])[:, 0]
+
 margin = Margin()
 cross_entropy = CrossEntropy()
 targeted_margin = TargetedMargin()
@@ -212,4 +231,6 @@ OBJECTIVES = {
     "linearity-gap": LinearityGap,
     "dlr": DLR,
     "targeted-dlr": TargetedDLR,
+    "probability-margin": ProbabilityMargin,
+    "pma": ProbabilityMargin,
 }

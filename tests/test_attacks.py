@@ -13,7 +13,7 @@ import attacks
 from attacks import LinfBall
 
 EVASION = ["untargeted", "random-targeted", "multi-targeted", "fgsm-20", "pgd-50", "apgd-ce", "apgd-dlr",
-           "apgd-t"]
+           "apgd-pma", "apgd-t"]
 ALL = EVASION + ["local-linearity"]
 
 
@@ -476,6 +476,32 @@ def test_targeted_dlr_value_and_gradient_on_known_logits():
     n, d = -3.0, 2.5  # ∂n = [−1, 1, 0, 0, 0]; ∂d = [1, −1/2 (z_1 is π4), −1/2 (z_2 is π3), 0, 0]
     expected = torch.tensor([[(-d - n) / d**2, (d - n * -0.5) / d**2, -n * -0.5 / d**2, 0.0, 0.0]])
     torch.testing.assert_close(g, expected)
+
+
+def test_probability_margin_value_gradient_and_sign_on_known_logits():
+    # z = [3, 1, 2, 0], y = 0: p = softmax(z); the value is p_2 − p_0 (class 2 is the likeliest wrong one)
+    z = torch.tensor([[3.0, 1.0, 2.0, 0.0]], requires_grad=True)
+    e = torch.exp(torch.tensor([3.0, 1.0, 2.0, 0.0], dtype=torch.float64))
+    p = e / e.sum()
+    value = attacks.ProbabilityMargin()(z, torch.tensor([0]))
+    assert value.item() == pytest.approx(float(p[2] - p[0]), rel=1e-6)
+    # ∂(p_a − p_y)/∂z_k = p_a (δ_ak − p_k) − p_y (δ_yk − p_k), a = 2, y = 0
+    (g,) = torch.autograd.grad(value.sum(), z)
+    expected = [float(p[2] * (float(k == 2) - p[k]) - p[0] * (float(k == 0) - p[k])) for k in range(4)]
+    torch.testing.assert_close(g, torch.tensor([expected], dtype=torch.float32), rtol=1e-5, atol=1e-7)
+    # unchanged by a shift of the logits; a rescaling changes it (it is not DLR)
+    pm, y0 = attacks.ProbabilityMargin(), torch.tensor([0])
+    assert pm(z.detach() + 40, y0).item() == pytest.approx(value.item())
+    assert pm(z.detach() * 3, y0).item() != pytest.approx(value.item())
+    # in (−1, 1) and positive exactly where the logits misclassify, on random logits
+    g_ = torch.Generator().manual_seed(0)
+    zz, yy = torch.randn(500, 10, generator=g_) * 4, torch.randint(0, 10, (500,), generator=g_)
+    v = attacks.ProbabilityMargin()(zz, yy)
+    assert bool((v > -1).all() and (v < 1).all())
+    assert torch.equal(v > 0, attacks.margin_of(zz, yy) > 0)
+    # half-precision logits are evaluated in float32
+    assert attacks.ProbabilityMargin()(z.detach().half(), torch.tensor([0])).dtype == torch.float32
+    assert attacks.OBJECTIVES["pma"] is attacks.ProbabilityMargin
 
 
 def test_dlr_falls_back_to_the_margin_with_too_few_classes():
