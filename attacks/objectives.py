@@ -197,7 +197,6 @@ class TargetedDLR(ObjectiveBase):
         return pair / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + _DLR_EPS)
 
 
-
 @dataclass(frozen=True)
 class ProbabilityMargin(ObjectiveBase):
     """Probability margin ``max_{j≠y} p_j − p_y`` with ``p = softmax(z)`` (the objective of PMA, Xie et al.,
@@ -215,6 +214,7 @@ class ProbabilityMargin(ObjectiveBase):
     def __call__(self, z, y, delta=None, aux=None):
         p = torch.softmax(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, 1)
         return _other_max(p, y) - p.gather(1, y[:, None])[:, 0]
+
 
 margin = Margin()
 cross_entropy = CrossEntropy()
