@@ -44,9 +44,9 @@ def test_projection_is_the_nearest_feasible_point(ball, eps):
     assert torch.allclose(inside, (x + 0.01 * (p - x) / (p - x).norm(dim=1, keepdim=True)).clamp(0, 1))
 
 
-@pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5), (attacks.L1Ball, 8.0)])
+@pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5)])
 def test_projection_stopping_at_the_fixed_point_equals_every_halving(ball, eps, monkeypatch):
-    """The bisection stops once its bracket no longer changes; forcing all of its halvings (the
+    """The L2 bisection stops once its bracket no longer changes; forcing all of its halvings (the
     fixed-point check made to fail) must give the same points to the bit, in float32, with and without
     per-example radii and with the box active."""
     g = torch.Generator().manual_seed(3)
@@ -66,6 +66,95 @@ def test_projection_stopping_at_the_fixed_point_equals_every_halving(ball, eps, 
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     assert bool(threat.contains(fast[0], x).all())
     assert bool((threat.distance(fast[1], x) <= radius + 1e-5 + threat.slack(x)).all())
+
+
+def _exact_l1_threshold(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The L1 multiplier in float64 from the sorted breakpoints: the kept mass Σ min((|u| − t)⁺, c) is
+    linear between consecutive breakpoints (|u_i| − c_i where a coordinate starts to lose mass, |u_i|
+    where it has none left), so it is evaluated at every breakpoint and interpolated."""
+    mag, cap = u.abs().double(), cap.double()
+    points = torch.cat([(mag - cap).clamp_min(0), mag], 1).sort(1).values
+    mass = torch.minimum((mag[:, None, :] - points[:, :, None]).clamp_min(0), cap[:, None, :]).sum(2)
+    e = eps.double()[:, None]
+    k = (mass > e).sum(1, keepdim=True).clamp(1, points.shape[1] - 1)  # first breakpoint with mass ≤ ε
+    t0, t1 = points.gather(1, k - 1), points.gather(1, k)
+    m0, m1 = mass.gather(1, k - 1), mass.gather(1, k)
+    return (t0 + (m0 - e) * (t1 - t0) / (m0 - m1).clamp_min(1e-300)).squeeze(1)
+
+
+def test_l1_projection_matches_the_exact_multiplier_and_uses_the_budget():
+    """The L1 projection's Newton search against the exact multiplier from sorted breakpoints (float64),
+    on 784-dimensional rows with the box active and per-example radii down to 0: the point is inside the
+    ball, spends all but a millionth of ε, and is the exact projection up to float32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(24, 1, 28, 28, generator=g)
+    x[:8] = (x[:8] > 0.5).float()
+    p = x + torch.randn(x.shape, generator=g) * torch.logspace(-3, 0, 24).view(-1, 1, 1, 1)
+    threat = attacks.L1Ball(10.0)
+    radius = torch.rand(24, generator=g) * 10.0
+    radius[0] = 0.0
+    for r in (None, radius):
+        proj = threat.project(p, x) if r is None else threat.project_to(p, x, r)
+        eps = torch.full((24,), 10.0) if r is None else r
+        u = (p - x).flatten(1)
+        cap = torch.where(u >= 0, 1 - x.flatten(1), x.flatten(1))
+        outside = torch.minimum(u.abs(), cap).sum(1) > eps
+        assert 10 < int(outside.sum()) < 24
+        t = _exact_l1_threshold(u[outside], cap[outside], eps[outside])
+        exact = x.flatten(1)[outside].double() + u[outside].sign() * torch.minimum(
+            (u[outside].abs().double() - t[:, None]).clamp_min(0), cap[outside].double())
+        assert float((proj.flatten(1)[outside].double() - exact).abs().max()) < 1e-5
+        used = threat.distance(proj, x)
+        assert bool((used <= eps + threat.slack(x)).all())
+        assert bool((used[outside] >= eps[outside] * (1 - 2.0 ** -19) - threat.slack(x)).all())
+        assert torch.equal(proj[~outside], torch.clamp(p[~outside], 0, 1))
+
+
+@pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5), (attacks.L1Ball, 8.0)])
+def test_projection_of_a_row_does_not_depend_on_the_other_rows(ball, eps):
+    """Only the rows outside the ball are searched; each row's point must be the one it gets projected
+    alone, to the bit, whether the batch holds rows already inside, rows pushed out by a hair (a projected
+    point projected again) or rows far outside."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(30, 1, 12, 12, generator=g)
+    x[:6] = (x[:6] > 0.5).float()  # the box active
+    p = x + torch.randn(x.shape, generator=g) * torch.linspace(0.001, 1.0, 30).view(-1, 1, 1, 1)
+    threat = ball(eps)
+    again = threat.project(threat.project(p, x) + 1e-6 * torch.randn(x.shape, generator=g), x)
+    for batch in (p, again, torch.cat([p[:15], again[15:]])):
+        inside = threat.distance(torch.clamp(batch, 0, 1), x) <= eps
+        assert 0 < int(inside.sum()) < len(x)  # a mixed batch
+        whole = threat.project(batch, x)
+        radius = torch.rand(30, generator=g) * eps
+        whole_r = threat.project_to(batch, x, radius)
+        for i in range(len(x)):
+            assert torch.equal(whole[i:i + 1], threat.project(batch[i:i + 1], x[i:i + 1]))
+            alone = threat.project_to(batch[i:i + 1], x[i:i + 1], radius[i:i + 1])
+            assert torch.equal(whole_r[i:i + 1], alone)
+        assert bool(threat.contains(whole, x).all())
+
+
+def test_l1_step_moves_the_coordinates_a_full_sort_would_choose():
+    """APGD's L1 step keeps the ``topk`` share of coordinates with the largest |gradient|; the cut is taken
+    from the largest k values only, and must equal the k-th value of a full sort, ties included."""
+    g = torch.Generator().manual_seed(6)
+    grad = torch.randn(8, 1, 6, 6, generator=g)
+    grad[0] = 1.0  # all tied
+    grad[1, 0, :3] = grad[1, 0, 3:]  # pairs of ties
+    x = torch.rand(8, 1, 6, 6, generator=g)
+    threat = attacks.L1Ball(2.0)
+    opt = attacks.optimizers.APGD()
+    state = opt.init(x, threat=threat, center=x, steps=100, box=(torch.zeros_like(x), torch.ones_like(x)))
+    share = torch.tensor([1 / 36, 0.2, 0.5, 1.0, 0.1, 0.3, 0.05, 0.9])
+    state = state._replace(topk=share)
+    value = torch.zeros(8)
+    proposal, _ = opt._step_l1(x, grad, value, state, 0.5)
+    flat = grad.flatten(1).abs()
+    k = (share * 36).clamp(1, 36).long()
+    cut = flat.sort(1, descending=True).values.gather(1, (k - 1)[:, None])
+    sparse = (grad.sign() * (grad.abs() >= cut.view(-1, 1, 1, 1))).flatten(1)
+    direction = (sparse / sparse.abs().sum(1, keepdim=True)).view_as(grad)
+    assert torch.equal(proposal, threat.project(x + 0.5 * direction, x))
 
 
 @pytest.mark.parametrize("ball, eps", BALLS)
