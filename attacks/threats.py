@@ -243,20 +243,18 @@ class _LpBall:
         return b
 
     def _bisect(self, shrink, size, u, eps):
-        """Per example the smallest multiplier ``t ≥ 0`` with ``size(t) = ‖shrink(t)‖_p ≤ ε`` (the KKT
+        """L2: per example the smallest multiplier ``t ≥ 0`` with ``size(t) = ‖shrink(t)‖₂ ≤ ε`` (the KKT
         condition of the projection), by bisection between a feasible upper end and 0; ``shrink`` of it.
 
         The bracket is halved until it stops changing: once every row's midpoint rounds to one of its
         ends, a further step reproduces the same ends (the lower end is never feasible, the upper always
         is), so stopping there gives exactly the result of all :attr:`_ITERS` halvings, usually in about
-        25 of them in float32. ``size`` is the norm computed without building the signed δ; for L1 it
-        sums the same magnitudes in the same order as ``_norm_of(shrink(t), 1)``, so the decision at
-        every midpoint is the same to the bit."""
+        25 of them in float32."""
         n = u.shape[0]
         view = (-1, *([1] * (u.ndim - 1)))
         flat = u.flatten(1).abs()
         # an upper end where the shrunk δ is surely inside the ball (δ = 0 for a zero radius)
-        hi_t = (flat.sum(1) / eps.clamp_min(1e-12) if self.p == 2 else flat.amax(1)).clamp_min(1.0)
+        hi_t = (flat.sum(1) / eps.clamp_min(1e-12)).clamp_min(1.0)
         lo_t = torch.zeros(n, device=u.device, dtype=u.dtype)
         for i in range(self._ITERS):
             mid = (lo_t + hi_t) / 2
