@@ -864,7 +864,9 @@ def _ascend(attack: Attack, model, rows: _Rows, every: int, best: _Best, counter
         rows.best.steps += live.long()
         lr = attack.schedule(step, steps, threat.eps)
         proposal, rows.state = opt.step(it.x, grad, val, rows.state, lr)
-        rows.x = threat.project(proposal, rows.xs, rows.box)
+        done_already = getattr(opt, "projected", None)
+        rows.x = proposal if done_already is not None and done_already(rows.state, threat) else \
+            threat.project(proposal, rows.xs, rows.box)
         if every and getattr(tracking, "compacts", tracking.evades) and (step + 1) % every == 0:
             done = rows.best.success
             if bool(done.any()):  # in fp32 the loop's only host synchronisation, once per ``every`` steps

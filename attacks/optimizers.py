@@ -49,6 +49,11 @@ class GradientStep:
         update, state = self.update(grad, state, lr)
         return x + update, state
 
+    def projected(self, state, threat) -> bool:
+        """Whether ``step`` already returns the projection onto ``threat``'s ball ∩ box (then the engine
+        does not project the point again)."""
+        return False
+
 
 @dataclass(frozen=True)
 class Adam(GradientStep):
@@ -135,7 +140,7 @@ class APGD(GradientStep):
     * sign steps of a per-example size ``η`` that starts at the schedule's value (``2ε`` in the presets);
     * momentum: ``z = P(x + η·sign ∇)``, next ``= P(x + α(z − x) + (1 − α)(x − x_prev))`` with
       ``α = momentum`` (0.75; the first step has none). ``P`` is the projection on the feasible box;
-      the engine applies the outer one;
+      in L∞ the engine applies the outer one, in L2 and L1 the step does (:meth:`projected`);
     * at each checkpoint (:func:`apgd_checkpoints`) an example's ``η`` is halved when fewer than
       ``rho`` (75%) of the iterates since the last checkpoint raised its objective, or when its step
       was not halved at the last checkpoint and its best objective has not improved since; a halved
@@ -168,6 +173,13 @@ class APGD(GradientStep):
             topk = sparsity / d / 1.5
         return APGDState(empty, x, x, torch.zeros_like(x), empty, empty, empty.long(), empty,
                          empty.bool(), lo, hi, 0, checks, center, threat, topk, sparsity)
+
+    def projected(self, state: APGDState, threat) -> bool:
+        """In L2 and L1 the step ends with the projection onto its threat's ball ∩ box, the one the engine
+        would apply: projecting the point again would change it only by the rounding of ``x + (p − x)``
+        and cost a search for the rows that rounding pushes out by a hair. In L∞ the momentum step is not
+        clamped here, so the engine clamps it."""
+        return state.threat is not None and state.threat == threat
 
     def step(self, x, grad, value, state: APGDState, lr):
         if state.threat is not None and state.threat.norm == "l1":

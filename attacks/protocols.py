@@ -42,7 +42,8 @@ class Optimizer(Protocol):
     ``steps``/``box`` is not given them). ``x_next, state = step(x, grad, value, state, lr)`` with
     ``grad`` the gradient of the objective at ``x`` when ``uses_gradient`` (``None`` otherwise: a
     gradient-free search, which may accept or reject a proposal per example from ``value``). The engine
-    projects ``x_next`` onto the threat set. Every state field with a leading batch dimension is a
+    projects ``x_next`` onto the threat set, unless the optimizer has ``projected(state, threat)`` and it
+    says ``step`` returned that projection already. Every state field with a leading batch dimension is a
     tensor, so the engine can drop rows (:func:`attacks.optimizers.select`).
     """
 

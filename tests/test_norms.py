@@ -44,28 +44,45 @@ def test_projection_is_the_nearest_feasible_point(ball, eps):
     assert torch.allclose(inside, (x + 0.01 * (p - x) / (p - x).norm(dim=1, keepdim=True)).clamp(0, 1))
 
 
-@pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5)])
-def test_projection_stopping_at_the_fixed_point_equals_every_halving(ball, eps, monkeypatch):
-    """The L2 bisection stops once its bracket no longer changes; forcing all of its halvings (the
-    fixed-point check made to fail) must give the same points to the bit, in float32, with and without
-    per-example radii and with the box active."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(40, 1, 12, 12, generator=g)
-    x[:10] = (x[:10] > 0.5).float()  # coordinates on the faces of the box
-    p = x + torch.randn(x.shape, generator=g) * torch.linspace(0.01, 1.0, 40).view(-1, 1, 1, 1)
-    radius = torch.rand(40, generator=g) * eps
-    threat = ball(eps)
-    fast = threat.project(p, x), threat.project_to(p, x, radius)
-    import attacks.threats as threats
-    halvings = []
-    real_equal = torch.equal
-    monkeypatch.setattr(threats.torch, "equal", lambda a, b: halvings.append(1) and False)
-    slow = threat.project(p, x), threat.project_to(p, x, radius)
-    monkeypatch.setattr(threats.torch, "equal", real_equal)
-    assert len(halvings) >= 2 * (threat._ITERS // 4)  # every halving ran
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
-    assert bool(threat.contains(fast[0], x).all())
-    assert bool((threat.distance(fast[1], x) <= radius + 1e-5 + threat.slack(x)).all())
+def _exact_l2_scale(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The L2 scale in float64 by 200 halvings: the largest λ ∈ [0, 1] with Σ min(λ|u|, c)² ≤ ε² (the
+    clipped point's squared norm grows with λ)."""
+    m, c, e = u.abs().double(), cap.double(), eps.double()
+    low, high = torch.zeros(len(u), dtype=torch.float64), torch.ones(len(u), dtype=torch.float64)
+    for _ in range(200):
+        mid = (low + high) / 2
+        ok = (torch.minimum(mid[:, None] * m, c) ** 2).sum(1) <= e * e
+        low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+    return low
+
+
+def test_l2_projection_matches_the_exact_scale_and_uses_the_budget():
+    """The L2 projection's search over the pieces of the clipped norm against the exact scale (float64
+    bisection), on 784-dimensional rows with the box active and per-example radii down to 0: the point is
+    inside the ball, spends all but a millionth of ε, and is the exact projection up to float32
+    rounding."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(24, 1, 28, 28, generator=g)
+    x[:8] = (x[:8] > 0.5).float()
+    p = x + torch.randn(x.shape, generator=g) * torch.logspace(-2.5, 0.5, 24).view(-1, 1, 1, 1)
+    threat = attacks.L2Ball(3.0)
+    radius = torch.rand(24, generator=g) * 3.0
+    radius[0] = 0.0
+    for r in (None, radius):
+        proj = threat.project(p, x) if r is None else threat.project_to(p, x, r)
+        eps = torch.full((24,), 3.0) if r is None else r
+        u = (p - x).flatten(1)
+        cap = torch.where(u >= 0, 1 - x.flatten(1), x.flatten(1))
+        outside = torch.minimum(u.abs(), cap).norm(dim=1) > eps
+        assert 10 < int(outside.sum()) < 24
+        lam = _exact_l2_scale(u[outside], cap[outside], eps[outside])
+        exact = x.flatten(1)[outside].double() + u[outside].sign() * torch.minimum(
+            lam[:, None] * u[outside].abs().double(), cap[outside].double())
+        assert float((proj.flatten(1)[outside].double() - exact).abs().max()) < 1e-5
+        used = threat.distance(proj, x)
+        assert bool((used <= eps + threat.slack(x)).all())
+        assert bool((used[outside] >= eps[outside] * (1 - 2.0 ** -19) - threat.slack(x)).all())
+        assert torch.equal(proj[~outside], torch.clamp(p[~outside], 0, 1))
 
 
 def _exact_l1_threshold(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -114,13 +131,13 @@ def test_l1_projection_matches_the_exact_multiplier_and_uses_the_budget():
 def test_projection_of_a_row_does_not_depend_on_the_other_rows(ball, eps):
     """Only the rows outside the ball are searched; each row's point must be the one it gets projected
     alone, to the bit, whether the batch holds rows already inside, rows pushed out by a hair (a projected
-    point projected again) or rows far outside."""
+    point moved by 1e-5 per coordinate) or rows far outside."""
     g = torch.Generator().manual_seed(5)
     x = torch.rand(30, 1, 12, 12, generator=g)
     x[:6] = (x[:6] > 0.5).float()  # the box active
     p = x + torch.randn(x.shape, generator=g) * torch.linspace(0.001, 1.0, 30).view(-1, 1, 1, 1)
     threat = ball(eps)
-    again = threat.project(threat.project(p, x) + 1e-6 * torch.randn(x.shape, generator=g), x)
+    again = threat.project(p, x) + 1e-5 * torch.randn(x.shape, generator=g)  # a hair outside or inside
     for batch in (p, again, torch.cat([p[:15], again[15:]])):
         inside = threat.distance(torch.clamp(batch, 0, 1), x) <= eps
         assert 0 < int(inside.sum()) < len(x)  # a mixed batch
@@ -362,6 +379,50 @@ def test_the_l1_hyperplane_projection_fills_the_steepest_coordinates_first_and_s
     tight = torch.full((1, 3), 0.1, dtype=torch.float64)
     d = attacks.project_on_hyperplane(g, torch.tensor([-3.0], dtype=torch.float64), -tight, tight, 1)
     assert torch.allclose(d, torch.tensor([[-0.1, 0.1, -0.1]], dtype=torch.float64))
+
+
+class Seen(nn.Module):
+    """Records every input the attack evaluates."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 0.1), ("l1", 0.4), ("linf", 0.01)])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t"])
+def test_every_point_apgd_evaluates_is_inside_the_ball_and_the_box(norm, eps, name):
+    """APGD's L2 and L1 steps end with the ball ∩ box projection and the engine takes their points as they
+    are (``projected``); L∞'s momentum step is clamped by the engine. Every point the model sees — starts,
+    steps, the iterate after a step-size reset — must be inside the threat set, with the box active."""
+    g = torch.Generator().manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g))
+    model = Seen(net).eval()
+    x = torch.rand(12, 3, 8, 8, generator=g)
+    x[:4] = (x[:4] > 0.5).float()  # on the faces of the box
+    y = net(x).argmax(1)
+    atk = attacks.get(name, eps, norm=norm)
+    attacks.run(atk, model, x, y, seed=0)
+    assert len(model.inputs) > 50
+    done = atk.optimizer.projected(atk.optimizer.init(x, threat=atk.threat, center=x, box=atk.threat.box(x),
+                                                      steps=10), atk.threat)
+    assert done == (norm != "linf")
+    for seen in model.inputs:
+        match = (seen.flatten(1)[:, None] - x.flatten(1)[None]).abs()
+        rows = (match <= eps + 1e-6).all(-1).float().argmax(1) if norm == "linf" else None
+        # each evaluated row belongs to one of the clean inputs: the nearest in the threat's norm
+        if rows is None:
+            rows = atk.threat.distance(seen[:, None].expand(-1, len(x), -1, -1, -1).flatten(0, 1),
+                                       x[None].expand(len(seen), -1, -1, -1, -1).flatten(0, 1)
+                                       ).view(len(seen), len(x)).argmin(1)
+        assert bool(atk.threat.contains(seen, x[rows]).all())
 
 
 def test_square_l2_stays_feasible_and_breaks_a_linear_model():
