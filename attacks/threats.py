@@ -113,8 +113,9 @@ class _LpBall:
     ``project`` is the exact Euclidean projection onto ball ∩ box (not "scale into the ball, then clip",
     which lands elsewhere when the box is active), found per example by a search on the multiplier of
     the ball constraint (L2: the roots of the clipped norm's quadratic pieces, :meth:`_pieces`; L1:
-    safeguarded Newton, :meth:`_newton`) on the rows outside the ball only; the search ends on the feasible side, so a projected point is inside the
-    ball as its float32 norm judges it and within :meth:`slack` after float32 rounding of ``x + δ``.
+    safeguarded Newton, :meth:`_newton`) on the rows outside the ball only; the search ends on the
+    feasible side, so a projected point is inside the ball as its float32 norm judges it and within
+    :meth:`slack` after float32 rounding of ``x + δ``.
     """
 
     eps: float

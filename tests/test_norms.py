@@ -225,7 +225,7 @@ def test_minimum_norm_attack_finds_the_exact_distance_on_a_linear_model(norm, du
 
 _EVERY_NORM = ["apgd-ce", "apgd-dlr", "apgd-t", "apgd-ce-odi", "fmn", "min-norm-untargeted",
                "min-norm-targeted", "v4 apgd-ce", "v4 apgd-t", "v5 apgd-t", "square", "v8 apgd-t-margin",
-               "v9 apgd-dlr-odi", "v10 apgd-ce", "v13 apgd-ce-odi"]
+               "v9 apgd-dlr-odi", "v10 apgd-ce", "v13 apgd-ce-odi", "v15 apgd-dlr-odi", "v15 apgd-t-margin"]
 
 
 @pytest.mark.parametrize("name, norm", [(n, norm) for norm in ("l2", "l1") for n in _EVERY_NORM]
@@ -725,9 +725,8 @@ def test_v13_is_v12_in_linf_and_l2_and_in_l1_gives_each_member_its_own_streams(n
 def test_v14_is_v13_but_fab_t_attacks_six_targets_in_l1(norm, eps):
     from robusteval.evaluation import Budget, build_battery
 
-    assert attacks.presets.STANDARD == "standard-v14"
     threat = attacks.threat_of(eps, norm=norm)
-    v14, v13 = build_battery(["standard"], threat), build_battery(["standard-v13"], threat)
+    v14, v13 = build_battery(["standard-v14"], threat), build_battery(["standard-v13"], threat)
     assert [a.name for a in v14.members] == [a.name for a in v13.members] and v14.gates == v13.gates
     for new, old in zip(v14.members, v13.members, strict=True):
         if norm == "l1" and new.name == "fab-t":
@@ -736,7 +735,7 @@ def test_v14_is_v13_but_fab_t_attacks_six_targets_in_l1(norm, eps):
         else:
             assert new == old
     # a budget override keeps the six targets and scales the steps as before
-    short = build_battery(["standard"], threat, budget=Budget(steps=50))
+    short = build_battery(["standard-v14"], threat, budget=Budget(steps=50))
     fab = [(a.steps, a.targets.k) for a in short.members if a.name == "fab-t"]
     assert fab == {"linf": [], "l2": [(40, 9)], "l1": [(40, 6)]}[norm]
 
@@ -756,6 +755,75 @@ def test_v14_fab_t_in_l1_runs_six_searches_per_survivor_where_v13_ran_nine():
             res = attacks.run(atk, model, x, y, seed=0)
             assert not bool(res.success.any())
             assert res.steps.tolist() == [steps] * 8, (norm, version)
+
+
+@pytest.mark.parametrize("norm, dual", [("l2", 2), ("l1", float("inf")), ("linf", 1)])
+def test_the_last_approach_reaches_every_example_within_the_exact_distance_on_a_linear_model(norm, dual):
+    """On a binary linear model with the box inactive the nearest misclassified point is at
+    ``|w·x − c| / ‖w‖_q``: with no steps of its own from the clean input, an attack's last approach
+    (``polish``) must break every example nearer than 0.9ε and none beyond ε, with feasible points the model
+    misclassifies, recorded as a run after the attack's own and with the polish's steps."""
+    w = torch.randn(20, generator=torch.Generator().manual_seed(0)) * 10
+    model = Linear(w).eval()
+    x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
+    y = model(x).argmax(1)
+    exact = (x @ w - 0.5 * w.sum()).abs() / w.norm(p=dual)
+    eps = float(exact.median())
+    still = attacks.get("apgd-ce", eps, norm=norm).replace(steps=0, start=attacks.starts.NoStart())
+    assert not bool(attacks.run(still, model, x, y, seed=0).success.any())
+    res = attacks.run(still.replace(polish=50), model, x, y, seed=0)
+    assert bool(res.success[exact < 0.9 * eps].all())
+    assert not bool(res.success[exact > eps * (1 + 1e-4)].any())
+    assert bool(still.threat.contains(res.x_adv, x).all())
+    assert bool((model(res.x_adv).argmax(1) != y)[res.success].all())
+    assert set(res.run[res.success].tolist()) == {1} and set(res.steps.tolist()) <= set(range(51))
+    assert bool((res.steps[~res.success] == 50).all())
+    assert "polish=50" in still.replace(polish=50).config() and "polish" not in still.config()
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="polish"):
+            still.replace(polish=bad)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 2.0), ("l1", 10.0)])
+def test_v15_is_standard_and_is_v14_with_a_last_approach_after_three_l1_members(norm, eps):
+    from robusteval.evaluation import Budget, build_battery
+
+    assert attacks.presets.STANDARD == "standard-v15"
+    threat = attacks.threat_of(eps, norm=norm)
+    v15, v14 = build_battery(["standard"], threat), build_battery(["standard-v14"], threat)
+    assert [a.name for a in v15.members] == [a.name for a in v14.members] and v15.gates == v14.gates
+    for new, old in zip(v15.members, v14.members, strict=True):
+        polished = norm == "l1" and new.name in ("apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin")
+        assert new == (old.replace(polish=50) if polished else old)
+    short = build_battery(["standard"], threat, budget=Budget(steps=20))  # the polish is not a budget
+    assert {a.polish for a in short.members} == ({0, 50} if norm == "l1" else {0})
+
+
+@pytest.mark.parametrize("name", ["apgd-dlr-odi", "apgd-ce-odi", "apgd-t-margin"])
+def test_v15_adds_only_successes_to_v14_in_l1(name):
+    """v15's form of a polished member is v14's plus the last approach: every example v14's breaks it
+    breaks at the same point, and an example it does not break has v14's point, margin and run, with 50
+    more steps; in L∞ and L2 the forms are v14's."""
+    torch.manual_seed(0)
+    model = RowWise(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5))).eval()
+    x = torch.rand(48, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    base = attacks.get(name, 1.5, norm="l1", steps=3)  # runs too short to finish what they start
+    v14, v15 = attacks.presets.FORMS["standard-v14"](base), attacks.presets.FORMS["standard-v15"](base)
+    assert v15 == v14.replace(polish=attacks.presets.POLISH)
+    old, new = attacks.run(v14, model, x, y, seed=2), attacks.run(v15, model, x, y, seed=2)
+    assert bool(new.success[old.success].all())
+    gained = new.success & ~old.success
+    assert 0 < int(gained.sum()) < int((~old.success).sum())  # the polish broke some, not every one
+    same = ~gained
+    assert torch.equal(new.x_adv[same], old.x_adv[same]) and torch.equal(new.margin[same], old.margin[same])
+    assert torch.equal(new.run[same], old.run[same])
+    assert torch.equal(new.steps[old.success], old.steps[old.success])
+    kept = ~new.success
+    assert torch.equal(new.steps[kept], old.steps[kept] + attacks.presets.POLISH)
+    for norm, eps in (("l2", 0.8), ("linf", 0.1)):
+        other = attacks.get(name, eps, norm=norm)
+        assert attacks.presets.FORMS["standard-v15"](other) == attacks.presets.FORMS["standard-v14"](other)
 
 
 def test_stream_offsets_the_runs_generator_streams_and_round_trips():

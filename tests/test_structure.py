@@ -48,15 +48,15 @@ def test_attack_config_is_stable_and_round_trips(name):
     assert not re.search(r"0x[0-9a-f]+", text)  # no memory address: the same string in every run
     assert attacks.from_config(text) == atk
     if name != "local-linearity":  # no function field: the stable form is the plain repr
-        # draws=1, anneal=(), stall=None, probe=0, search_stall=None, stream=0 and MinNorm's
+        # draws=1, anneal=(), stall=None, probe=0, search_stall=None, stream=0, polish=0 and MinNorm's
         # direction='l2' (the defaults of fields added later) are not written, at the top level or in a
         # nested attack (a start from another attack's point)
         shown = [f for f in atk.__dataclass_fields__
-                 if f not in ("draws", "stall", "probe", "search_stall", "stream")
+                 if f not in ("draws", "stall", "probe", "search_stall", "stream", "polish")
                  and not (f == "anneal" and atk.anneal == ())]  # fab-t anneals
         plain = ", ".join(f"{f}={getattr(atk, f)!r}" for f in shown)
         nested = plain.replace(", direction='l2')", ")").replace(
-            ", draws=1, anneal=(), stall=None, probe=0, search_stall=None, stream=0)", ")")
+            ", draws=1, anneal=(), stall=None, probe=0, search_stall=None, stream=0, polish=0)", ")")
         assert text == nested
     stalled = atk.replace(stall=attacks.Stall()) if isinstance(atk.tracking, attacks.Evasion) else atk
     assert attacks.from_config(stalled.config()) == stalled
