@@ -56,35 +56,6 @@ def _exact_l2_scale(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> to
     return low
 
 
-def test_l2_projection_matches_the_exact_scale_and_uses_the_budget():
-    """The L2 projection's search over the pieces of the clipped norm against the exact scale (float64
-    bisection), on 784-dimensional rows with the box active and per-example radii down to 0: the point is
-    inside the ball, spends all but a millionth of ε, and is the exact projection up to float32
-    rounding."""
-    g = torch.Generator().manual_seed(8)
-    x = torch.rand(24, 1, 28, 28, generator=g)
-    x[:8] = (x[:8] > 0.5).float()
-    p = x + torch.randn(x.shape, generator=g) * torch.logspace(-2.5, 0.5, 24).view(-1, 1, 1, 1)
-    threat = attacks.L2Ball(3.0)
-    radius = torch.rand(24, generator=g) * 3.0
-    radius[0] = 0.0
-    for r in (None, radius):
-        proj = threat.project(p, x) if r is None else threat.project_to(p, x, r)
-        eps = torch.full((24,), 3.0) if r is None else r
-        u = (p - x).flatten(1)
-        cap = torch.where(u >= 0, 1 - x.flatten(1), x.flatten(1))
-        outside = torch.minimum(u.abs(), cap).norm(dim=1) > eps
-        assert 10 < int(outside.sum()) < 24
-        lam = _exact_l2_scale(u[outside], cap[outside], eps[outside])
-        exact = x.flatten(1)[outside].double() + u[outside].sign() * torch.minimum(
-            lam[:, None] * u[outside].abs().double(), cap[outside].double())
-        assert float((proj.flatten(1)[outside].double() - exact).abs().max()) < 1e-5
-        used = threat.distance(proj, x)
-        assert bool((used <= eps + threat.slack(x)).all())
-        assert bool((used[outside] >= eps[outside] * (1 - 2.0 ** -19) - threat.slack(x)).all())
-        assert torch.equal(proj[~outside], torch.clamp(p[~outside], 0, 1))
-
-
 def _exact_l1_threshold(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The L1 multiplier in float64 from the sorted breakpoints: the kept mass Σ min((|u| − t)⁺, c) is
     linear between consecutive breakpoints (|u_i| − c_i where a coordinate starts to lose mass, |u_i|
@@ -99,32 +70,48 @@ def _exact_l1_threshold(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -
     return (t0 + (m0 - e) * (t1 - t0) / (m0 - m1).clamp_min(1e-300)).squeeze(1)
 
 
-def test_l1_projection_matches_the_exact_multiplier_and_uses_the_budget():
-    """The L1 projection's Newton search against the exact multiplier from sorted breakpoints (float64),
-    on 784-dimensional rows with the box active and per-example radii down to 0: the point is inside the
-    ball, spends all but a millionth of ε, and is the exact projection up to float32 rounding."""
+def _exact_l2_magnitudes(u, cap, eps):
+    """|δ| of the exact L2 projection (float64): ``min(λ|u|, c)`` at the exact scale."""
+    lam = _exact_l2_scale(u, cap, eps)
+    return torch.minimum(lam[:, None] * u.abs().double(), cap.double())
+
+
+def _exact_l1_magnitudes(u, cap, eps):
+    """|δ| of the exact L1 projection (float64): ``min((|u| − t)⁺, c)`` at the exact multiplier."""
+    t = _exact_l1_threshold(u, cap, eps)
+    return torch.minimum((u.abs().double() - t[:, None]).clamp_min(0), cap.double())
+
+
+@pytest.mark.parametrize("ball, eps, spread, exact_of", [
+    (attacks.L2Ball, 3.0, (-2.5, 0.5), _exact_l2_magnitudes),
+    (attacks.L1Ball, 10.0, (-3.0, 0.0), _exact_l1_magnitudes)])
+def test_projection_matches_the_exact_one_and_uses_the_budget(ball, eps, spread, exact_of):
+    """Each search (L2: the roots of the clipped norm's pieces; L1: Newton) against the exact projection
+    in float64 (L2: the scale by 200 halvings; L1: the multiplier from sorted breakpoints), on 784-dimensional
+    rows with the box active and per-example radii down to 0: the point is inside the ball, spends all but
+    a millionth of ε, and is the exact projection up to float32 rounding."""
     g = torch.Generator().manual_seed(7)
     x = torch.rand(24, 1, 28, 28, generator=g)
     x[:8] = (x[:8] > 0.5).float()
-    p = x + torch.randn(x.shape, generator=g) * torch.logspace(-3, 0, 24).view(-1, 1, 1, 1)
-    threat = attacks.L1Ball(10.0)
-    radius = torch.rand(24, generator=g) * 10.0
+    p = x + torch.randn(x.shape, generator=g) * torch.logspace(*spread, 24).view(-1, 1, 1, 1)
+    threat = ball(eps)
+    radius = torch.rand(24, generator=g) * eps
     radius[0] = 0.0
     for r in (None, radius):
         proj = threat.project(p, x) if r is None else threat.project_to(p, x, r)
-        eps = torch.full((24,), 10.0) if r is None else r
+        e = torch.full((24,), eps) if r is None else r
         u = (p - x).flatten(1)
         cap = torch.where(u >= 0, 1 - x.flatten(1), x.flatten(1))
-        outside = torch.minimum(u.abs(), cap).sum(1) > eps
+        outside = threat.distance(x + torch.minimum(u.abs(), cap).view_as(x), x) > e
         assert 10 < int(outside.sum()) < 24
-        t = _exact_l1_threshold(u[outside], cap[outside], eps[outside])
-        exact = x.flatten(1)[outside].double() + u[outside].sign() * torch.minimum(
-            (u[outside].abs().double() - t[:, None]).clamp_min(0), cap[outside].double())
+        exact = x.flatten(1)[outside].double() + u[outside].sign() * exact_of(u[outside], cap[outside],
+                                                                              e[outside])
         assert float((proj.flatten(1)[outside].double() - exact).abs().max()) < 1e-5
         used = threat.distance(proj, x)
-        assert bool((used <= eps + threat.slack(x)).all())
-        assert bool((used[outside] >= eps[outside] * (1 - 2.0 ** -19) - threat.slack(x)).all())
+        assert bool((used <= e + threat.slack(x)).all())
+        assert bool((used[outside] >= e[outside] * (1 - 2.0 ** -19) - threat.slack(x)).all())
         assert torch.equal(proj[~outside], torch.clamp(p[~outside], 0, 1))
+
 
 
 @pytest.mark.parametrize("ball, eps", [(attacks.L2Ball, 1.5), (attacks.L1Ball, 8.0)])
