@@ -33,9 +33,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .objectives import margin_of
-from .optimizers import select
+from .objectives import Margin, margin_of
+from .optimizers import apgd, select
 from .protocols import Objective, Optimizer, Schedule, Threat
+from .schedules import constant
 from .seeding import generators
 from .starts import (
     AttackStart,
@@ -686,9 +687,6 @@ def _polish(attack: Attack, model, x, y, ids, seed, best: _Best, counter: dict, 
     its own (deterministic: no random draw, so its rows' ids are their positions); a success replaces the
     example's result (run index ``runs``: after the attack's own; its value is the margin), and every
     polished example's steps count the polish's."""
-    from .objectives import Margin  # (the engine's own modules import nothing from here)
-    from .optimizers import apgd
-    from .schedules import constant
     rows = (~best.success).nonzero()[:, 0]
     if rows.numel() == 0:
         return

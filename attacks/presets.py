@@ -559,8 +559,9 @@ def _v15(atk: Attack) -> Attack:
     each unbroken example's best point). The survivors these rounds leave nearest the boundary were
     measured a hair from it (margins of −0.001 to −0.03) at points whose runs followed another class, and
     the short ascent on the margin from there broke them
-    (docs/methods.md, "The standard battery by version", v15). It adds only successes: every example v14 breaks, v15 breaks, and an example no polish
-    breaks has v14's records but for the polish's steps. L∞ and L2 keep v14's form."""
+    (docs/methods.md, "The standard battery by version", v15). It adds only successes: every example
+    v14 breaks, v15 breaks, and an example no polish breaks has v14's records but for the polish's steps.
+    L∞ and L2 keep v14's form."""
     atk = _v14(atk)
     if atk.threat.norm == "l1" and atk.name in POLISHED:
         return atk.replace(polish=POLISH)
